@@ -1,0 +1,293 @@
+"""Datasets, collate function and the ``LightningDataModule`` for YouTube-VIS-format data.
+
+Training items are (reference, target) frame pairs (see :mod:`visstg.data.pairs`) with one shared
+augmentation; :func:`collate_pairs` pads them into the batch described in ``docs/contracts.md``.
+Validation items are whole videos (:class:`VideoSample`) whose frames are decoded one at a time,
+so a long video never has all its frames or masks in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from visstg.data.pairs import sample_reference, target_index
+from visstg.data.transforms import PairAugmentation, pad_to_multiple, preprocess_frame
+from visstg.data.ytvis import YTVIS, DatasetError, load_ytvis
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PairDataset", "VideoDataset", "VideoSample", "collate_pairs", "VISDataModule"]
+
+DATASET_SOURCES = {
+    "ytvis2019": "YouTube-VIS 2019 from https://youtube-vos.org/dataset/vis/ (CodaLab download)",
+    "ytvis2021": "YouTube-VIS 2021 from https://youtube-vos.org/dataset/vis/ (CodaLab download)",
+    "ytvis2022": "YouTube-VIS 2022 from https://youtube-vos.org/dataset/vis/",
+    "ovis": "OVIS from https://songbai.site/ovis/",
+}
+
+
+class PairDataset(Dataset):
+    """(reference, target) frame pairs of one split.
+
+    Each item is ``{"ref": frame, "tgt": frame, "video_id", "frame_indices": (k, t)}`` with
+    ``frame = {"image": [3, h, w] normalised, "boxes": [N, 4] xyxy, "labels": [N],
+    "track_ids": [N], "masks": [N, h, w] bool}``; both frames share one augmentation draw.
+    """
+
+    def __init__(self, ds: YTVIS, augmentation: PairAugmentation, max_gap: int = 4) -> None:
+        self.ds = ds
+        self.aug = augmentation
+        self.max_gap = max_gap
+        annotated = {v["id"]: ds.annotated_frames(v) for v in ds.videos}
+        self.samples = target_index(annotated)
+        if not self.samples:
+            raise DatasetError(f"{ds.path}: no annotated frame with a visible instance to train on")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        # Seeded from torch so `seed_everything(workers=True)` makes the draw repeatable.
+        rng = random.Random(int(torch.randint(0, 2**31 - 1, ()).item()))
+        video_id, t = self.samples[index]
+        video = self.ds.video(video_id)
+        k = sample_reference(t, video["length"], self.max_gap, rng)
+        short, flip = self.aug.sample(rng)
+        return {
+            "ref": self._frame(video, k, short, flip),
+            "tgt": self._frame(video, t, short, flip),
+            "video_id": video_id,
+            "frame_indices": (k, t),
+        }
+
+    def _frame(self, video: dict, frame: int, short: int, flip: bool) -> dict[str, torch.Tensor]:
+        image = self.ds.load_frame(video, frame)
+        tracks, masks = self.ds.frame_masks(video, frame)
+        if masks.shape[1:] != image.shape[:2]:
+            raise DatasetError(
+                f"{self.ds.path}: video {video['id']} frame {frame}: image "
+                f"{image.shape[0]}x{image.shape[1]} differs from the annotated size "
+                f"{masks.shape[1]}x{masks.shape[2]}"
+            )
+        img, m, boxes = self.aug.apply(image, masks, short, flip)
+        keep = m.flatten(1).any(1)  # a tiny instance can vanish when downscaled
+        return {
+            "image": img,
+            "boxes": boxes[keep],
+            "labels": torch.tensor([tr.label for tr in tracks], dtype=torch.long)[keep],
+            "track_ids": torch.tensor([tr.id for tr in tracks], dtype=torch.long)[keep],
+            "masks": m[keep],
+        }
+
+
+def _pad_masks(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    out = torch.zeros((masks.shape[0], h, w), dtype=torch.bool)
+    out[:, : masks.shape[1], : masks.shape[2]] = masks
+    return out
+
+
+def collate_pairs(items: list[dict[str, Any]], multiple: int = 32) -> dict[str, Any]:
+    """Pad a list of pair items into one batch (layout in ``docs/contracts.md``).
+
+    Returns:
+        ref_images, tgt_images: [B, 3, H, W] (H, W multiples of ``multiple``);
+        ref_targets, tgt_targets: B dicts of boxes [N, 4], labels [N], track_ids [N],
+        masks [N, H, W] bool; image_sizes: [B, 2] (h, w) valid region; video_ids: list[int];
+        frame_indices: [B, 2] (reference, target).
+    """
+    images = pad_to_multiple([it[s]["image"] for s in ("ref", "tgt") for it in items], multiple)
+    b = len(items)
+    h, w = images.shape[-2:]
+
+    def targets(side: str) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for it in items:
+            f = it[side]
+            out.append(
+                {
+                    "boxes": f["boxes"],
+                    "labels": f["labels"],
+                    "track_ids": f["track_ids"],
+                    "masks": _pad_masks(f["masks"], h, w),
+                }
+            )
+        return out
+
+    return {
+        "ref_images": images[:b],  # [B, 3, H, W]
+        "tgt_images": images[b:],  # [B, 3, H, W]
+        "ref_targets": targets("ref"),
+        "tgt_targets": targets("tgt"),
+        "image_sizes": torch.tensor([it["tgt"]["image"].shape[-2:] for it in items]),  # [B, 2]
+        "video_ids": [it["video_id"] for it in items],
+        "frame_indices": torch.tensor([it["frame_indices"] for it in items]),  # [B, 2]
+    }
+
+
+@dataclass
+class VideoSample:
+    """One video for online inference; frames are decoded lazily, one at a time."""
+
+    ds: YTVIS
+    video: dict
+    test_size: int
+    max_size: int
+
+    @property
+    def video_id(self) -> int:
+        return self.video["id"]
+
+    @property
+    def length(self) -> int:
+        return self.video["length"]
+
+    @property
+    def orig_size(self) -> tuple[int, int]:
+        return self.video["height"], self.video["width"]
+
+    @property
+    def file_names(self) -> list[str]:
+        return self.video["file_names"]
+
+    def frames(self) -> Iterator[tuple[int, torch.Tensor, tuple[int, int], float]]:
+        """Yield ``(frame_index, image [3, H, W], valid (h, w), scale)`` in order."""
+        for i in range(self.length):
+            raw = self.ds.load_frame(self.video, i)
+            image, size, scale = preprocess_frame(raw, self.test_size, self.max_size)
+            yield i, image, size, scale
+
+    def raw_frame(self, index: int):
+        """The original RGB uint8 frame [H, W, 3] (for overlays)."""
+        return self.ds.load_frame(self.video, index)
+
+
+class VideoDataset(Dataset):
+    """Whole videos of a split, for online evaluation (one :class:`VideoSample` per item)."""
+
+    def __init__(self, ds: YTVIS, test_size: int, max_size: int) -> None:
+        self.ds, self.test_size, self.max_size = ds, test_size, max_size
+
+    def __len__(self) -> int:
+        return len(self.ds.videos)
+
+    def __getitem__(self, index: int) -> VideoSample:
+        return VideoSample(self.ds, self.ds.videos[index], self.test_size, self.max_size)
+
+
+def _identity(x):
+    return x
+
+
+class VISDataModule(pl.LightningDataModule):
+    """YouTube-VIS / OVIS / synthetic data for training (pairs) and validation (videos).
+
+    Args:
+        name: dataset name (used in messages: synthetic, ytvis2019, ytvis2021, ovis).
+        root: folder with ``<split>.json`` and ``<split>/JPEGImages/``.
+        num_classes: expected number of categories (checked against the file).
+        class_names: contiguous class names; read from the file when None.
+        synthetic: generator arguments; when given and ``root`` has no data, the synthetic
+            dataset is generated there first.
+        max_gap: reference frame within this many annotated frames of the target.
+        train_sizes, max_size, hflip_prob: the shared pair augmentation.
+        test_size: shorter side at inference (longer side capped by ``max_size``).
+    """
+
+    def __init__(
+        self,
+        name: str = "synthetic",
+        root: str = "data/synthetic",
+        train_split: str = "train",
+        val_split: str = "valid",
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        synthetic: dict | None = None,
+        max_gap: int = 4,
+        train_sizes: tuple[int, ...] = (160, 176, 192, 208, 224),
+        max_size: int = 400,
+        test_size: int = 192,
+        hflip_prob: float = 0.5,
+        batch_size: int = 8,
+        num_workers: int = 2,
+        val_max_videos: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.name, self.root = name, Path(root)
+        self.train_split, self.val_split = train_split, val_split
+        self.num_classes, self.class_names = num_classes, class_names
+        self.synthetic = dict(synthetic) if synthetic else None
+        self.max_gap = max_gap
+        self.aug = PairAugmentation(tuple(train_sizes), max_size, hflip_prob)
+        self.test_size, self.max_size = test_size, max_size
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_max_videos = val_max_videos
+        self._splits: dict[str, YTVIS] = {}
+
+    # --- files --------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            from visstg.data.synthetic import ensure_synthetic
+
+            ensure_synthetic(self.root, **self.synthetic)
+
+    def split(self, name: str) -> YTVIS:
+        """The loaded annotation file of a split (``root/<name>.json``), cached."""
+        if name not in self._splits:
+            path = self.root / f"{name}.json"
+            if not path.is_file():
+                raise DatasetError(self._missing_message(path))
+            ds = load_ytvis(path, self.root / name / "JPEGImages")
+            if self.num_classes is not None and ds.num_classes != self.num_classes:
+                raise DatasetError(
+                    f"{path}: has {ds.num_classes} categories but the config says "
+                    f"data.num_classes={self.num_classes}"
+                )
+            self._splits[name] = ds
+        return self._splits[name]
+
+    def _missing_message(self, path: Path) -> str:
+        if self.synthetic is not None:
+            return f"{path}: not found (generate it with `python -m visstg.data.synthetic --out {self.root}`)"
+        source = DATASET_SOURCES.get(self.name, "the dataset's official site")
+        return (
+            f"{path}: not found. Download {source} and arrange it as\n"
+            f"  {self.root}/{self.train_split}.json\n"
+            f"  {self.root}/{self.train_split}/JPEGImages/<video>/<frame>.jpg\n"
+            f"  {self.root}/{self.val_split}.json\n"
+            f"  {self.root}/{self.val_split}/JPEGImages/<video>/<frame>.jpg\n"
+            f"or point the config at your copy with data.root=/path/to/{self.name}"
+        )
+
+    # --- Lightning hooks ----------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.train_set = PairDataset(self.split(self.train_split), self.aug, self.max_gap)
+        if stage in (None, "fit", "validate"):
+            self.val_set = VideoDataset(self.split(self.val_split), self.test_size, self.max_size)
+            if self.val_max_videos is not None:  # a quick look at the first few videos
+                n = min(self.val_max_videos, len(self.val_set))
+                self.val_set = torch.utils.data.Subset(self.val_set, range(n))
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_pairs,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        # One whole video per item; frames are decoded inside the validation step.
+        return DataLoader(self.val_set, batch_size=None, shuffle=False, collate_fn=_identity)

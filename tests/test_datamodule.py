@@ -1,0 +1,133 @@
+"""Pair sampling, the shared augmentation, collate and the validation video stream."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import COLOURS
+from visstg.data.datamodule import PairDataset, VISDataModule, collate_pairs
+from visstg.data.pairs import sample_reference
+from visstg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairAugmentation, resized_shape
+from visstg.data.ytvis import DatasetError, load_ytvis
+
+
+@pytest.mark.parametrize("max_gap", [1, 2, 4])
+def test_reference_within_gap_and_both_sides(max_gap: int) -> None:
+    rng = random.Random(0)
+    for length in (1, 2, 5, 12):
+        for t in range(length):
+            refs = {sample_reference(t, length, max_gap, rng) for _ in range(200)}
+            if length == 1:
+                assert refs == {0}
+                continue
+            assert all(0 <= k < length and 0 < abs(k - t) <= max_gap for k in refs)
+            expected = {k for k in range(t - max_gap, t + max_gap + 1) if 0 <= k < length} - {t}
+            assert refs == expected  # every candidate on either side is drawn
+
+
+def test_resized_shape_caps_the_longer_side() -> None:
+    assert resized_shape(48, 64, 96, 1000) == (96, 128)
+    assert resized_shape(48, 64, 96, 100) == (75, 100)
+    assert resized_shape(360, 640, 360, 640) == (360, 640)
+
+
+def _denormalise(image: torch.Tensor) -> np.ndarray:
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return ((image * std + mean) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def _check_frame_consistency(frame: dict, labels_to_colour: dict) -> None:
+    """Boxes are the masks' tight boxes; mask pixels carry their object's colour in the image."""
+    img = _denormalise(frame["image"])
+    for box, mask, label in zip(frame["boxes"], frame["masks"], frame["labels"]):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        assert box.tolist() == [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        # interior pixels (away from the resampled edge) have the object's colour
+        inner = torch.nn.functional.max_pool2d((~mask)[None, None].float(), 5, 1, 2)[0, 0] == 0
+        colours = img[inner.numpy()]
+        assert len(colours) > 0
+        np.testing.assert_allclose(colours.mean(0), labels_to_colour[int(label)], atol=12)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_shared_augmentation_keeps_boxes_and_masks_consistent(tiny_root: Path, flip: bool) -> None:
+    ds = load_ytvis(tiny_root / "train.json")
+    aug = PairAugmentation(train_sizes=(96,), max_size=1000, hflip_prob=1.0 if flip else 0.0)
+    pairs = PairDataset(ds, aug, max_gap=4)
+    torch.manual_seed(0)
+    label_colour = {ds.label(c): COLOURS[c] for c in COLOURS}
+    for i in range(len(pairs)):
+        item = pairs[i]
+        for side in ("ref", "tgt"):
+            f = item[side]
+            assert f["image"].shape == (3, 96, 128) and f["masks"].shape[1:] == (96, 128)
+            _check_frame_consistency(f, label_colour)
+        # the same flip in both frames: track 1 moves right by 4 px per frame (8 px scaled)
+        k, t = item["frame_indices"]
+        ref, tgt = item["ref"], item["tgt"]
+        common = set(ref["track_ids"].tolist()) & set(tgt["track_ids"].tolist()) & {1}
+        for tid in common:
+            dx = (
+                tgt["boxes"][tgt["track_ids"] == tid][0, 0]
+                - ref["boxes"][ref["track_ids"] == tid][0, 0]
+            ).item()
+            assert dx == pytest.approx(8 * (t - k) * (-1 if flip else 1))
+
+
+def test_targets_skip_frames_without_instances(tiny_root: Path) -> None:
+    ds = load_ytvis(tiny_root / "train.json")
+    pairs = PairDataset(ds, PairAugmentation((48,), 1000, 0.0), max_gap=4)
+    assert (2, 0) not in pairs.samples and len(pairs) == 4 + 2
+
+
+def test_collate_pads_to_multiple_of_32(tiny_root: Path) -> None:
+    ds = load_ytvis(tiny_root / "train.json")
+    pairs = PairDataset(ds, PairAugmentation((50, 70), 1000, 0.5), max_gap=4)
+    torch.manual_seed(1)
+    items = [pairs[i] for i in range(len(pairs))]
+    batch = collate_pairs(items)
+    b = len(items)
+    H, W = batch["ref_images"].shape[-2:]
+    assert H % 32 == 0 and W % 32 == 0
+    assert batch["tgt_images"].shape == (b, 3, H, W)
+    assert batch["image_sizes"].shape == (b, 2) and batch["frame_indices"].shape == (b, 2)
+    for i, it in enumerate(items):
+        h, w = it["tgt"]["image"].shape[-2:]
+        assert batch["image_sizes"][i].tolist() == [h, w]
+        assert batch["tgt_images"][i, :, h:].abs().sum() == 0  # zero padding
+        for side in ("ref", "tgt"):
+            t = batch[f"{side}_targets"][i]
+            n = len(t["labels"])
+            assert t["masks"].shape == (n, H, W) and t["masks"].dtype == torch.bool
+            assert t["boxes"].shape == (n, 4) and t["track_ids"].shape == (n,)
+            assert not t["masks"][:, h:].any() and not t["masks"][:, :, w:].any()
+
+
+def test_validation_videos_stream_frames_in_order(tiny_root: Path) -> None:
+    dm = VISDataModule(name="tiny", root=str(tiny_root), num_classes=3, test_size=96, max_size=1000)
+    dm.setup("fit")
+    videos = list(dm.val_dataloader())
+    assert [v.video_id for v in videos] == [1, 2]
+    frames = list(videos[0].frames())
+    assert [f[0] for f in frames] == [0, 1, 2, 3]
+    index, image, size, scale = frames[0]
+    assert image.shape == (3, 96, 128) and size == (96, 128) and scale == 2.0
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["ref_images"].shape[0] == min(dm.batch_size, len(dm.train_set))
+
+
+def test_datamodule_errors(tmp_path: Path, tiny_root: Path) -> None:
+    dm = VISDataModule(name="ytvis2019", root=str(tmp_path / "ytvis"), num_classes=40)
+    with pytest.raises(DatasetError, match=r"youtube-vos.org.*\n.*train.json"):
+        dm.setup("fit")
+    dm = VISDataModule(name="tiny", root=str(tiny_root), num_classes=40)
+    with pytest.raises(
+        DatasetError, match=r"has 3 categories but the config says data.num_classes=40"
+    ):
+        dm.setup("fit")
