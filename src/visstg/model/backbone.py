@@ -1,0 +1,162 @@
+"""ResNet + FPN backbone (P3-P7), as torchvision's FCOS/RetinaNet build it.
+
+The backbone is one pass over a batch of frames. In training the reference and target frames of
+every pair go through it together (``[2B, 3, H, W]``) so both frames see the same weights and
+(frozen) batch-norm statistics.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.error
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+_RESNETS = {
+    18: (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
+    34: (resnet.resnet34, resnet.ResNet34_Weights.IMAGENET1K_V1),
+    50: (resnet.resnet50, resnet.ResNet50_Weights.IMAGENET1K_V1),
+    101: (resnet.resnet101, resnet.ResNet101_Weights.IMAGENET1K_V1),
+}
+_NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+
+
+class WeightsError(RuntimeError):
+    """Backbone weights could not be obtained or do not fit the network."""
+
+
+def _download_imagenet_state_dict(depth: int) -> dict[str, Tensor]:
+    """torchvision's ImageNet weights for ``resnet{depth}`` (from the torch hub cache or the web)."""
+    url = _RESNETS[depth][1].url
+    try:
+        return torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
+    except (urllib.error.URLError, OSError, RuntimeError) as exc:
+        hub_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise WeightsError(
+            f"could not download the ImageNet weights of resnet{depth} from {url} "
+            f"({type(exc).__name__}: {exc}). On a machine without internet, fetch that file "
+            f"elsewhere and either put it in {hub_dir}/ or pass it directly: "
+            f"model.backbone.weights=/path/to/{os.path.basename(url)} "
+            f"(or model.backbone.weights=null to start from random weights)."
+        ) from exc
+
+
+def _load_local_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A torchvision-format ResNet state dict from a file (``{"state_dict": ...}`` also accepted)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"backbone weights file {path} does not exist (model.backbone.weights must be null, "
+            f"'imagenet' or the path of a torchvision ResNet state dict)"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors come in many types
+        raise WeightsError(
+            f"backbone weights file {path} is not a readable PyTorch state dict "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(
+            f"backbone weights file {path} does not hold a state dict (name -> tensor); "
+            f"got {type(state).__name__}"
+        )
+    return state
+
+
+class ResNetFPN(nn.Module):
+    """torchvision ResNet with a feature pyramid P3-P7.
+
+    C3-C5 (``layer2``-``layer4``) feed a ``FeaturePyramidNetwork``; P6 and P7 come from P5 through
+    ``LastLevelP6P7`` (stride-2 3x3 convs), as in torchvision's FCOS. Using P5 (not C5) makes P6/P7
+    independent of the ResNet depth.
+
+    Args:
+        depth: 18, 34, 50 or 101.
+        out_channels: channels of every pyramid level (the paper's D = 256).
+        weights: ``None`` (random init), ``"imagenet"`` (torchvision's IMAGENET1K_V1, downloaded
+            when online) or the path of a torchvision-format ResNet state dict (``fc.*`` ignored).
+        trainable_layers: how many ResNet stages, counted from the last, get gradients (0-5, as
+            torchvision's ``resnet_fpn_backbone``; 5 also trains the stem). The FPN always trains.
+        norm: ``"frozen_bn"`` (batch statistics and affine frozen, the detection default) or
+            ``"bn"``.
+
+    Shapes:
+        input ``[N, 3, H, W]`` (ImageNet-normalised) -> list of 5 tensors
+        ``[N, out_channels, ceil(H / s), ceil(W / s)]`` for ``s`` in ``strides``.
+    """
+
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+
+    def __init__(
+        self,
+        depth: int = 50,
+        out_channels: int = 256,
+        weights: str | os.PathLike | None = None,
+        trainable_layers: int = 3,
+        norm: str = "frozen_bn",
+    ) -> None:
+        super().__init__()
+        if depth not in _RESNETS:
+            raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
+        if norm not in _NORMS:
+            raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
+        if not 0 <= trainable_layers <= 5:
+            raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+        self.depth = depth
+        self.out_channels = out_channels
+
+        body = _RESNETS[depth][0](weights=None, norm_layer=_NORMS[norm])
+        if weights is not None:
+            if str(weights).lower() == "imagenet":
+                state, source = _download_imagenet_state_dict(depth), f"ImageNet resnet{depth}"
+            else:
+                state, source = _load_local_state_dict(weights), str(weights)
+            self._load_resnet_state(body, state, source)
+
+        # Freeze from the stem upwards, as torchvision's _resnet_fpn_extractor does.
+        trainable = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+        if trainable_layers == 5:
+            trainable.append("bn1")
+        for name, param in body.named_parameters():
+            if not any(name.startswith(prefix) for prefix in trainable):
+                param.requires_grad_(False)
+
+        c3 = 128 * type(body.layer2[-1]).expansion  # 128 (BasicBlock) or 512 (Bottleneck)
+        in_channels = [c3, c3 * 2, c3 * 4]  # C3, C4, C5
+        self.fpn = BackboneWithFPN(
+            body,
+            return_layers={"layer2": "c3", "layer3": "c4", "layer4": "c5"},
+            in_channels_list=in_channels,
+            out_channels=out_channels,
+            extra_blocks=LastLevelP6P7(out_channels, out_channels),
+        )
+
+    @staticmethod
+    def _load_resnet_state(body: nn.Module, state: dict[str, Tensor], source: str) -> None:
+        state = OrderedDict((k, v) for k, v in state.items() if not k.startswith("fc."))
+        expected = {k for k in body.state_dict() if not k.startswith("fc.")}
+        missing = sorted(k for k in expected - set(state) if not k.endswith("num_batches_tracked"))
+        if missing:
+            raise WeightsError(
+                f"backbone weights {source} do not fit resnet: {len(missing)} missing keys "
+                f"(e.g. {missing[:3]}); expected a torchvision ResNet state dict of that depth"
+            )
+        try:
+            body.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatch, e.g. resnet50 weights into resnet18
+            raise WeightsError(f"backbone weights {source} do not fit resnet: {exc}") from exc
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        feats = self.fpn(images)  # OrderedDict c3, c4, c5, p6, p7
+        return list(feats.values())  # 5 x [N, C, H_l, W_l]

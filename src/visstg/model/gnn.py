@@ -1,0 +1,122 @@
+"""Spatial-temporal feature fusion (paper 3.2): edge-then-node message passing on the cross-frame
+graph built by ``visstg.model.graph``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch_geometric.data import Data
+from torch_geometric.nn import MessagePassing
+
+from visstg.model.graph import pixels_to_maps
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    """Two-layer MLP with LayerNorm after the hidden layer (keeps L = 1..4 iterations stable:
+    the residual node stream can grow with the number of summed messages, the normalisation
+    stops that growth from compounding through N_e / N_v)."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden),
+        nn.LayerNorm(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, out_dim),
+    )
+
+
+class EdgeNodeConv(MessagePassing):
+    r"""One graph-update iteration of VisSTG (paper Eq. 1-2).
+
+    Edges are undirected and stored once, as ``edge_index[0] = i`` (source, e.g. a reference
+    node) and ``edge_index[1] = j`` (destination, e.g. a pixel node). First every edge is updated
+    from both endpoints, then every node adds the messages of all its edges:
+
+    .. math::
+        h^{e(l)}_{ij} = N_e\big([h^{e(l-1)}_{ij},\, h^{v(l-1)}_i,\, h^{v(l-1)}_j]\big)
+
+        h^{v(l)}_u = h^{v(l-1)}_u + \sum_{e_{ij} \ni u} N_v\big([h^{e(l)}_{ij},\, h^{v(l-1)}_u]\big)
+
+    i.e. the message of an edge to each of its endpoints is computed with that endpoint's own
+    feature, and both endpoints receive it (sum aggregation). (The paper writes
+    :math:`h^{v(l)}` on the right of Eq. 2; it is the previous iteration's feature.)
+
+    Args:
+        dim: node and edge feature size D.
+        hidden: hidden size of the two MLPs :math:`N_e`, :math:`N_v` (default: ``dim``).
+
+    Shapes:
+        - input: node features :math:`(|\mathcal{V}|, D)` or a bipartite pair
+          :math:`((|\mathcal{V}_s|, D), (|\mathcal{V}_t|, D))`, edge indices
+          :math:`(2, |\mathcal{E}|)`, edge features :math:`(|\mathcal{E}|, D)`
+        - output: ``(x, edge_attr)``: node features of the same form as the input (a tensor or a
+          ``(x_src, x_dst)`` pair), edge features :math:`(|\mathcal{E}|, D)`
+    """
+
+    def __init__(self, dim: int = 256, hidden: int | None = None) -> None:
+        super().__init__(aggr="sum", flow="source_to_target")
+        hidden = hidden or dim
+        self.dim = dim
+        self.edge_mlp = mlp(3 * dim, hidden, dim)  # N_e
+        self.node_mlp = mlp(2 * dim, hidden, dim)  # N_v
+
+    def forward(
+        self, x: Tensor | tuple[Tensor, Tensor], edge_index: Tensor, edge_attr: Tensor
+    ) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor]:
+        pair = not isinstance(x, Tensor)
+        x_src, x_dst = x if pair else (x, x)
+        # Eq. 1. edge_updater infers the size from the tensors it is given, so pass the pair.
+        edge_attr = self.edge_updater(edge_index, x=(x_src, x_dst), edge_attr=edge_attr)  # [E, D]
+        # Eq. 2: every edge messages both of its endpoints.
+        to_dst = self.propagate(edge_index, x=(x_src, x_dst), edge_attr=edge_attr)  # [N_t, D]
+        to_src = self.propagate(
+            edge_index.flip(0), x=(x_dst, x_src), edge_attr=edge_attr
+        )  # [N_s, D]
+        if pair:
+            return (x_src + to_src, x_dst + to_dst), edge_attr
+        return x + to_src + to_dst, edge_attr
+
+    def edge_update(self, x_j: Tensor, x_i: Tensor, edge_attr: Tensor) -> Tensor:
+        # x_j = source endpoint (edge_index[0]), x_i = destination (edge_index[1]).
+        return self.edge_mlp(torch.cat([edge_attr, x_j, x_i], dim=-1))  # [E, D]
+
+    def message(self, x_i: Tensor, edge_attr: Tensor) -> Tensor:
+        # x_i is the receiving endpoint's previous feature.
+        return self.node_mlp(torch.cat([edge_attr, x_i], dim=-1))  # [E, D]
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.dim})"
+
+
+class SpatialTemporalGNN(nn.Module):
+    """``iterations`` independent ``EdgeNodeConv`` layers on the cross-frame graph.
+
+    With no edges (first frame, no reference instances) every layer leaves the pixel features
+    unchanged, so the fused maps equal the input maps: the paper's plain branch.
+
+    Args:
+        dim: node / edge feature size D (= FPN channels).
+        iterations: number of graph updates L (paper table 1: 1-4, default 3); 0 disables fusion.
+        hidden: hidden size of the MLPs.
+
+    Returns (``forward(graph)``): dict with
+        - ``maps``: L_fpn fused target maps ``[B, D, H_l, W_l]`` (F^_t)
+        - ``x_pix [P, D]``, ``x_ref [R, D]``: updated node features
+        - ``edge_attr [E, D]``: final edge features h^{e(L)}
+    """
+
+    def __init__(self, dim: int = 256, iterations: int = 3, hidden: int | None = None) -> None:
+        super().__init__()
+        if iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {iterations}")
+        self.iterations = iterations
+        self.layers = nn.ModuleList(EdgeNodeConv(dim, hidden) for _ in range(iterations))
+
+    def forward(self, graph: Data) -> dict[str, Tensor | list[Tensor]]:
+        x_ref, x_pix, edge_attr = graph.x_ref, graph.x_pix, graph.edge_attr
+        for layer in self.layers:
+            (x_ref, x_pix), edge_attr = layer((x_ref, x_pix), graph.edge_index, edge_attr)
+        return {
+            "maps": pixels_to_maps(x_pix, graph),
+            "x_pix": x_pix,
+            "x_ref": x_ref,
+            "edge_attr": edge_attr,
+        }

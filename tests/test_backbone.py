@@ -1,0 +1,81 @@
+import urllib.error
+
+import pytest
+import torch
+from torchvision.models import resnet18
+from torchvision.ops import FrozenBatchNorm2d
+
+from visstg.model.backbone import ResNetFPN, WeightsError
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50, 101])
+def test_pyramid_shapes_and_strides(depth):
+    net = ResNetFPN(depth=depth, out_channels=32, weights=None).eval()
+    with torch.no_grad():
+        feats = net(torch.randn(1, 3, 64, 96))
+    assert len(feats) == len(net.strides) == 5
+    for f, s in zip(feats, net.strides):
+        assert f.shape == (1, 32, -(-64 // s), -(-96 // s))
+
+
+def test_frozen_batchnorm_and_trainable_layers():
+    net = ResNetFPN(depth=18, weights=None, trainable_layers=3)
+    body = net.fpn.body
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in body.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in body.modules())
+    assert not body.conv1.weight.requires_grad
+    assert not any(p.requires_grad for p in body.layer1.parameters())
+    assert all(p.requires_grad for p in body.layer2.parameters())
+    assert all(p.requires_grad for p in net.fpn.fpn.parameters())
+    bn = ResNetFPN(depth=18, weights=None, trainable_layers=5, norm="bn")
+    assert bn.fpn.body.conv1.weight.requires_grad
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in bn.modules())
+
+
+def test_local_state_dict_round_trip(tmp_path):
+    ref = resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    net = ResNetFPN(depth=18, weights=str(path))
+    body = net.fpn.body
+    assert torch.equal(body.conv1.weight, ref.conv1.weight)
+    assert torch.equal(body.layer3[1].conv2.weight, ref.layer3[1].conv2.weight)
+    assert torch.equal(body.layer4[0].bn1.running_var, ref.layer4[0].bn1.running_var)
+    # A wrapped checkpoint ({"state_dict": ...}) loads too.
+    torch.save({"state_dict": ref.state_dict()}, tmp_path / "wrapped.pth")
+    ResNetFPN(depth=18, weights=tmp_path / "wrapped.pth")
+
+
+def test_bad_local_files_name_the_file(tmp_path):
+    with pytest.raises(WeightsError, match="missing.pth.*does not exist"):
+        ResNetFPN(depth=18, weights=tmp_path / "missing.pth")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="garbage.pth"):
+        ResNetFPN(depth=18, weights=garbage)
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in resnet18().state_dict().items() if "layer4" not in k}, partial)
+    with pytest.raises(WeightsError, match="partial.pth.*missing keys"):
+        ResNetFPN(depth=18, weights=partial)
+    wrong = tmp_path / "r34_for_r18.pth"
+    state = resnet18().state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 5, 5)
+    torch.save(state, wrong)
+    with pytest.raises(WeightsError, match="r34_for_r18.pth"):
+        ResNetFPN(depth=18, weights=wrong)
+
+
+def test_imagenet_offline_error_says_how_to_pass_a_file(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(WeightsError, match=r"model\.backbone\.weights=/path/to/resnet18-"):
+        ResNetFPN(depth=18, weights="imagenet")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="depth"):
+        ResNetFPN(depth=42)
+    with pytest.raises(ValueError, match="norm"):
+        ResNetFPN(depth=18, norm="group")
