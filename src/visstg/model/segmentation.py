@@ -1,0 +1,245 @@
+"""CondInst-style segmentation (paper 3.4, DESIGN.md "Segmentation").
+
+The controller predicts, at every location of every level, the 169 parameters of a tiny
+per-instance FCN (three dynamic 1x1 convs). The mask branch turns P3-P5 into 8 shared mask
+channels at stride 8. An instance's kernel is read at its centre cell (ground truth in training,
+detected peak at inference) and run on ``[mask_feats, relative_coords]``.
+
+Coordinate conventions (consistent with :mod:`visstg.model.detection`):
+
+- Mask-feature cell ``(i, j)`` at stride ``s`` stands for input pixel ``((j + 0.5) s, (i + 0.5) s)``
+  (the centre of the pixels it covers).
+- Relative coordinates are ``(location - instance centre) / size_of_interest``, channels ``(x, y)``.
+- Mask logits are upsampled x2 with bilinear ``align_corners=False``, which keeps that
+  convention: logit ``(i, j)`` at stride 4 stands for pixel ``((j + 0.5) 4, (i + 0.5) 4)``; the
+  matching targets come from :func:`visstg.model.losses.downsample_masks`.
+- The dynamic convs see ``[mask_feats (8), relative_coords (2)]`` in that order (paper Eq. 4).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visstg.model.detection import gather_at_cells
+
+__all__ = [
+    "DEFAULT_SIZES_OF_INTEREST",
+    "Controller",
+    "MaskBranch",
+    "dynamic_mask_head",
+    "gather_at_cells",
+    "num_dynamic_params",
+    "parse_dynamic_params",
+    "relative_coords",
+    "upsample_mask_logits",
+]
+
+DEFAULT_SIZES_OF_INTEREST = (64, 128, 256, 512, 1024)
+
+
+def num_dynamic_params(in_channels: int = 10, channels: int = 8, num_layers: int = 3) -> int:
+    """Number of parameters of the dynamic FCN: ``(10*8+8) + (8*8+8) + (8*1+1) = 169``."""
+    dims = [in_channels] + [channels] * (num_layers - 1) + [1]
+    return sum(i * o + o for i, o in zip(dims[:-1], dims[1:]))
+
+
+class Controller(nn.Module):
+    """Conv head shared across levels predicting the dynamic mask-head parameters.
+
+    Args:
+        in_channels: channels of the (fused) FPN features.
+        num_params: parameters per location (169 for the default dynamic FCN).
+        feat_channels: hidden channels.
+        num_convs: hidden 3x3 conv + ReLU layers before the 3x3 output conv.
+
+    Shapes:
+        input: list over levels of ``[B, in_channels, H_l, W_l]``.
+        output: list over levels of ``[B, num_params, H_l, W_l]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        num_params: int = 169,
+        feat_channels: int = 256,
+        num_convs: int = 2,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c = in_channels
+        for _ in range(num_convs):
+            layers += [nn.Conv2d(c, feat_channels, 3, padding=1), nn.ReLU(inplace=True)]
+            c = feat_channels
+        self.tower = nn.Sequential(*layers)
+        self.out = nn.Conv2d(c, num_params, 3, padding=1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
+        return [self.out(self.tower(f)) for f in feats]  # [B, num_params, H_l, W_l]
+
+
+class MaskBranch(nn.Module):
+    """Shared mask features from P3-P5 at stride 8.
+
+    Each of the first ``num_levels`` levels gets a 3x3 conv (``in_channels -> channels``) + ReLU;
+    coarser levels are upsampled (bilinear) to P3's size and summed; then ``num_convs`` 3x3 conv
+    + ReLU layers and a 1x1 conv to ``out_channels``.
+
+    Shapes:
+        input: list over levels of ``[B, in_channels, H_l, W_l]`` (at least ``num_levels``).
+        output: ``[B, out_channels, H_3, W_3]`` (stride 8).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        channels: int = 128,
+        out_channels: int = 8,
+        num_convs: int = 4,
+        num_levels: int = 3,
+    ):
+        super().__init__()
+        self.num_levels = num_levels
+        self.refine = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(inplace=True))
+            for _ in range(num_levels)
+        )
+        tower: list[nn.Module] = []
+        for _ in range(num_convs):
+            tower += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+        tower.append(nn.Conv2d(channels, out_channels, 1))
+        self.tower = nn.Sequential(*tower)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        if len(feats) < self.num_levels:
+            raise ValueError(
+                f"MaskBranch needs {self.num_levels} levels (P3 first), got {len(feats)}"
+            )
+        x = self.refine[0](feats[0])  # [B, channels, H_3, W_3]
+        for refine, f in zip(self.refine[1:], feats[1 : self.num_levels]):
+            y = refine(f)
+            x = x + F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.tower(x)  # [B, out_channels, H_3, W_3]
+
+
+def parse_dynamic_params(
+    params: Tensor, in_channels: int = 10, channels: int = 8, num_layers: int = 3
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Split flat per-instance parameters into grouped-conv weights and biases.
+
+    Layout of each row: all layer weights first (layer 1 ``[channels, in_channels]``, layer 2
+    ``[channels, channels]``, ..., last ``[1, channels]``, each row-major ``out x in``), then all
+    biases in the same layer order.
+
+    Args:
+        params: ``[N, P]`` with ``P = num_dynamic_params(in_channels, channels, num_layers)``.
+    Returns:
+        ``weights``: list over layers of ``[N * out_l, in_l, 1, 1]``;
+        ``biases``: list over layers of ``[N * out_l]`` — ready for ``F.conv2d(groups=N)``.
+    """
+    n = params.shape[0]
+    dims = [in_channels] + [channels] * (num_layers - 1) + [1]
+    w_nums = [i * o for i, o in zip(dims[:-1], dims[1:])]
+    b_nums = dims[1:]
+    expected = sum(w_nums) + sum(b_nums)
+    if params.dim() != 2 or params.shape[1] != expected:
+        raise ValueError(
+            f"parse_dynamic_params: expected params [N, {expected}] for {num_layers} layers "
+            f"({in_channels} -> {channels} -> ... -> 1), got {tuple(params.shape)}"
+        )
+    chunks = torch.split(params, w_nums + b_nums, dim=1)
+    weights = [
+        w.reshape(n * o, i, 1, 1)  # [N*out, in, 1, 1]
+        for w, i, o in zip(chunks[:num_layers], dims[:-1], dims[1:])
+    ]
+    biases = [b.reshape(-1) for b in chunks[num_layers:]]  # [N*out]
+    return weights, biases
+
+
+def relative_coords(
+    centers: Tensor, soi: Tensor, mask_shape: tuple[int, int], mask_stride: int = 8
+) -> Tensor:
+    """Relative position maps of every instance.
+
+    Args:
+        centers: ``[N, 2]`` instance centres (x, y) in input pixels.
+        soi: ``[N]`` size of interest of each instance's level (e.g. 64 for P3).
+        mask_shape: ``(h, w)`` of the mask features.
+        mask_stride: stride of the mask features; cell ``(i, j)`` is at
+            ``((j + 0.5) * stride, (i + 0.5) * stride)``.
+    Returns:
+        ``[N, 2, h, w]``: channel 0 = ``(loc_x - cx) / soi``, channel 1 = ``(loc_y - cy) / soi``.
+    """
+    h, w = mask_shape
+    dtype = centers.dtype if centers.is_floating_point() else torch.float32
+    ys = (torch.arange(h, device=centers.device, dtype=dtype) + 0.5) * mask_stride  # [h]
+    xs = (torch.arange(w, device=centers.device, dtype=dtype) + 0.5) * mask_stride  # [w]
+    s = soi.to(dtype)[:, None, None]  # [N, 1, 1]
+    rx = (xs[None, None, :] - centers[:, 0, None, None].to(dtype)) / s  # [N, 1, w]
+    ry = (ys[None, :, None] - centers[:, 1, None, None].to(dtype)) / s  # [N, h, 1]
+    return torch.stack(torch.broadcast_tensors(rx, ry), dim=1)  # [N, 2, h, w]
+
+
+def dynamic_mask_head(
+    mask_feats: Tensor,
+    params: Tensor,
+    batch: Tensor,
+    centers: Tensor,
+    soi: Tensor,
+    mask_stride: int = 8,
+    channels: int = 8,
+    num_layers: int = 3,
+) -> Tensor:
+    """Run every instance's dynamic FCN on its image's mask features, all at once.
+
+    Input of instance ``n`` is ``cat([mask_feats[batch[n]], relative_coords(n)])``; the layers
+    are 1x1 convs (one group per instance) with ReLU between them and none after the last.
+
+    Args:
+        mask_feats: ``[B, Cm, h, w]`` mask-branch output (Cm = 8).
+        params: ``[N, 169]`` dynamic parameters (see :func:`parse_dynamic_params`).
+        batch: ``[N]`` image of each instance.
+        centers: ``[N, 2]`` centres (x, y) in input pixels.
+        soi: ``[N]`` sizes of interest.
+    Returns:
+        ``[N, h, w]`` mask logits at the mask-feature stride (``[0, h, w]`` if N == 0, still
+        connected to ``params`` and ``mask_feats``).
+    """
+    _, cm, h, w = mask_feats.shape
+    n = params.shape[0]
+    if n == 0:
+        return mask_feats.new_zeros(0, h, w) + (params.sum() + mask_feats.sum()) * 0
+    coords = relative_coords(centers, soi, (h, w), mask_stride).to(mask_feats.dtype)
+    x = torch.cat([mask_feats[batch], coords], dim=1)  # [N, Cm+2, h, w]
+    x = x.reshape(1, n * (cm + 2), h, w)  # instances as conv groups
+    weights, biases = parse_dynamic_params(params, cm + 2, channels, num_layers)
+    for i, (wt, b) in enumerate(zip(weights, biases)):
+        x = F.conv2d(x, wt, b, groups=n)  # [1, N*out_i, h, w]
+        if i < len(weights) - 1:
+            x = F.relu(x)
+    return x.reshape(n, h, w)
+
+
+def upsample_mask_logits(logits: Tensor, factor: int = 2) -> Tensor:
+    """``[N, h, w] -> [N, factor*h, factor*w]`` bilinear, ``align_corners=False``.
+
+    With ``align_corners=False`` output cell ``(i, j)`` samples input position
+    ``((i + 0.5) / factor - 0.5, ...)``, i.e. cell centres line up with input pixels the same way
+    at both strides (stride 8 -> stride 4 for the default factor).
+    """
+    n, h, w = logits.shape
+    if n == 0:
+        return logits.new_zeros(0, h * factor, w * factor) + logits.sum() * 0
+    up = F.interpolate(logits[:, None], scale_factor=factor, mode="bilinear", align_corners=False)
+    return up[:, 0]  # [N, factor*h, factor*w]

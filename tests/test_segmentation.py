@@ -1,0 +1,139 @@
+"""CondInst-style segmentation: controller, mask branch, dynamic head, dice loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from visstg.model.losses import dice_loss, downsample_masks
+from visstg.model.segmentation import (
+    Controller,
+    MaskBranch,
+    dynamic_mask_head,
+    gather_at_cells,
+    num_dynamic_params,
+    parse_dynamic_params,
+    relative_coords,
+    upsample_mask_logits,
+)
+
+
+def test_controller_emits_169_params_per_location():
+    assert num_dynamic_params() == (8 + 2) * 8 + 8 + 8 * 8 + 8 + 8 * 1 + 1 == 169
+    ctrl = Controller(in_channels=16, feat_channels=8, num_convs=2)
+    out = ctrl([torch.randn(2, 16, 6, 5), torch.randn(2, 16, 3, 3)])
+    assert [o.shape for o in out] == [(2, 169, 6, 5), (2, 169, 3, 3)]
+
+
+def test_mask_branch_stride_8_output():
+    mb = MaskBranch(in_channels=16, channels=8, out_channels=8, num_convs=2)
+    feats = [torch.randn(2, 16, 8, 12), torch.randn(2, 16, 4, 6), torch.randn(2, 16, 2, 3)]
+    assert mb(feats + [torch.randn(2, 16, 1, 2)]).shape == (2, 8, 8, 12)
+    with pytest.raises(ValueError, match="levels"):
+        mb(feats[:2])
+
+
+def test_parse_dynamic_params_layout_and_error():
+    params = torch.arange(2 * 169, dtype=torch.float32).reshape(2, 169)
+    weights, biases = parse_dynamic_params(params)
+    assert [w.shape for w in weights] == [(16, 10, 1, 1), (16, 8, 1, 1), (2, 8, 1, 1)]
+    assert [b.shape for b in biases] == [(16,), (16,), (2,)]
+    # weights first (80 + 64 + 8), then biases (8 + 8 + 1)
+    assert weights[0][0, :, 0, 0].tolist() == list(range(10))
+    assert weights[0][8, 0, 0, 0] == 169  # first weight of the second instance
+    assert biases[0][0] == 152 and biases[2][0] == 168
+    with pytest.raises(ValueError, match="169"):
+        parse_dynamic_params(torch.zeros(2, 170))
+
+
+def test_relative_coords_convention():
+    centers = torch.tensor([[12.0, 4.0]])
+    rc = relative_coords(centers, torch.tensor([64.0]), (2, 3), mask_stride=8)
+    assert rc.shape == (1, 2, 2, 3)
+    # cell (i=1, j=2) stands for pixel (20, 12): ((20 - 12) / 64, (12 - 4) / 64)
+    torch.testing.assert_close(rc[0, :, 1, 2], torch.tensor([8 / 64, 8 / 64]))
+    torch.testing.assert_close(rc[0, :, 0, 0], torch.tensor([(4 - 12) / 64, 0.0]))
+
+
+def _explicit_head(mask_feats, params, batch, centers, soi, stride):
+    """One instance at a time: three F.conv2d 1x1 layers over [feats, coords]."""
+    out = []
+    h, w = mask_feats.shape[-2:]
+    for n in range(params.shape[0]):
+        p = params[n]
+        w1, w2, w3 = (
+            p[:80].view(8, 10, 1, 1),
+            p[80:144].view(8, 8, 1, 1),
+            p[144:152].view(1, 8, 1, 1),
+        )
+        b1, b2, b3 = p[152:160], p[160:168], p[168:169]
+        ys = (torch.arange(h) + 0.5) * stride
+        xs = (torch.arange(w) + 0.5) * stride
+        rx = (xs[None, :] - centers[n, 0]).expand(h, w) / soi[n]
+        ry = (ys[:, None] - centers[n, 1]).expand(h, w) / soi[n]
+        x = torch.cat([mask_feats[batch[n]], torch.stack([rx, ry])], 0)[None]  # [1, 10, h, w]
+        x = F.relu(F.conv2d(x, w1, b1))
+        x = F.relu(F.conv2d(x, w2, b2))
+        out.append(F.conv2d(x, w3, b3)[0, 0])
+    return torch.stack(out)
+
+
+def test_dynamic_mask_head_equals_explicit_per_instance_convs():
+    torch.manual_seed(0)
+    mask_feats = torch.randn(2, 8, 5, 7)
+    params = torch.randn(3, 169)
+    batch = torch.tensor([1, 0, 1])
+    centers = torch.tensor([[10.0, 20.0], [50.0, 4.0], [30.0, 30.0]])
+    soi = torch.tensor([64.0, 128.0, 64.0])
+    got = dynamic_mask_head(mask_feats, params, batch, centers, soi, mask_stride=8)
+    exp = _explicit_head(mask_feats, params, batch, centers, soi, 8)
+    assert got.shape == (3, 5, 7)
+    torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+
+
+def test_dynamic_mask_head_empty_is_connected():
+    mask_feats = torch.randn(2, 8, 5, 7, requires_grad=True)
+    params = torch.randn(0, 169, requires_grad=True)
+    logits = dynamic_mask_head(mask_feats, params, torch.zeros(0, dtype=torch.long),
+                               torch.zeros(0, 2), torch.zeros(0))  # fmt: skip
+    assert logits.shape == (0, 5, 7)
+    up = upsample_mask_logits(logits)
+    assert up.shape == (0, 10, 14)
+    loss = dice_loss(up, torch.zeros(0, 10, 14))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert mask_feats.grad is not None and float(mask_feats.grad.abs().sum()) == 0
+
+
+def test_upsample_mask_logits_convention():
+    logits = torch.tensor([[[0.0, 4.0]]])  # [1, 1, 2]
+    up = upsample_mask_logits(logits, factor=2)
+    assert up.shape == (1, 2, 4)
+    # align_corners=False: outputs at input positions -0.25, 0.25, 0.75, 1.25 (edges clamp)
+    torch.testing.assert_close(up[0, 0], torch.tensor([0.0, 1.0, 3.0, 4.0]))
+
+
+def test_dice_loss_hand_value():
+    logits = torch.tensor([[[0.0, 100.0], [-100.0, 0.0]]])  # p = .5, 1, 0, .5
+    targets = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
+    # 2 * (0.5 + 1) / ((0.25 + 1 + 0 + 0.25) + 2) = 3 / 3.5
+    assert dice_loss(logits, targets, eps=0).item() == pytest.approx(1 - 3 / 3.5)
+    two = torch.cat([logits, torch.full((1, 2, 2), 100.0)])
+    tt = torch.cat([targets, torch.ones(1, 2, 2)])
+    assert dice_loss(two, tt, eps=0).item() == pytest.approx((1 - 3 / 3.5) / 2)
+    with pytest.raises(ValueError, match="shape"):
+        dice_loss(logits, targets[:, :1])
+
+
+def test_downsample_masks_area_fraction():
+    m = torch.zeros(1, 8, 10, dtype=torch.bool)
+    m[0, :4, :2] = True
+    d = downsample_masks(m, stride=4)
+    assert d.shape == (1, 2, 3)  # width padded to 12
+    assert d[0, 0].tolist() == [0.5, 0.0, 0.0]
+    assert float(d[0, 1].sum()) == 0.0
+
+
+def test_gather_reexported_for_kernels():
+    theta = [torch.randn(1, 169, 3, 3)]
+    k = gather_at_cells(theta, torch.tensor([0]), torch.tensor([0]), torch.tensor([[2, 1]]))
+    torch.testing.assert_close(k[0], theta[0][0, :, 2, 1])
