@@ -1,0 +1,93 @@
+"""Kernel warping: propagate the reference frame's dynamic kernels to the target frame.
+
+Paper 3.4 / Fig. 4: the feature difference ``F_t - F_k`` goes through a small CNN that predicts
+the offsets of a 3x3 deformable convolution, which resamples the reference kernel map
+``theta_k`` into ``theta_warp`` on the target frame's grid. All 169 kernel channels move
+together (one offset field per location) and each channel is filtered on its own (depthwise).
+
+torchvision's ``deform_conv2d`` infers its groups as ``in_channels // weight.shape[1]``, so the
+weight ``[169, 1, 3, 3]`` makes it depthwise, and one offset group
+(``offset.shape[1] // (2 * 3 * 3) = 1``) shares the offsets across channels. Offset channel
+``2k`` is the y shift and ``2k + 1`` the x shift (in cells) of kernel tap ``k`` (row-major over
+the 3x3 taps, tap 4 is the centre).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import deform_conv2d
+
+__all__ = ["KernelWarp"]
+
+
+class KernelWarp(nn.Module):
+    """Warp reference kernels with offsets predicted from the feature difference.
+
+    Args:
+        in_channels: channels of the FPN features ``F_t``, ``F_k``.
+        num_params: channels of the kernel maps (169).
+        hidden: hidden channels of the offset CNN.
+        kernel_size: deformable kernel size (3).
+        num_convs: hidden 3x3 conv + ReLU layers of the offset CNN before its output conv.
+
+    The offset CNN's output conv is zero-initialised and the depthwise weight is a centre-tap
+    identity, so at initialisation ``theta_warp == theta_k``.
+
+    Shapes:
+        theta_k: list over levels of ``[B, num_params, H_l, W_l]``.
+        f_t, f_k: lists over levels of ``[B, in_channels, H_l, W_l]``.
+        output: list over levels of ``[B, num_params, H_l, W_l]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        num_params: int = 169,
+        hidden: int = 128,
+        kernel_size: int = 3,
+        num_convs: int = 2,
+    ):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"KernelWarp: kernel_size must be odd, got {kernel_size}")
+        self.kernel_size = kernel_size
+        layers: list[nn.Module] = []
+        c = in_channels
+        for _ in range(num_convs):
+            layers += [nn.Conv2d(c, hidden, 3, padding=1), nn.ReLU(inplace=True)]
+            c = hidden
+        self.offset_cnn = nn.Sequential(*layers)
+        self.offset_out = nn.Conv2d(c, 2 * kernel_size * kernel_size, 3, padding=1)
+        for m in self.offset_cnn.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        nn.init.zeros_(self.offset_out.weight)
+        nn.init.zeros_(self.offset_out.bias)
+        weight = torch.zeros(num_params, 1, kernel_size, kernel_size)
+        weight[:, :, kernel_size // 2, kernel_size // 2] = 1.0
+        self.weight = nn.Parameter(weight)  # depthwise, centre-tap identity
+
+    def offsets(self, f_t: Tensor, f_k: Tensor) -> Tensor:
+        """``[B, C, H, W]`` x 2 -> ``[B, 2*k*k, H, W]`` offsets (dy, dx per tap, in cells)."""
+        return self.offset_out(self.offset_cnn(f_t - f_k))
+
+    def warp(self, theta_k: Tensor, offsets: Tensor) -> Tensor:
+        """Deformable depthwise conv of ``theta_k [B, P, H, W]`` -> ``[B, P, H, W]``."""
+        return deform_conv2d(
+            theta_k, offsets.to(theta_k.dtype), self.weight.to(theta_k.dtype),
+            padding=self.kernel_size // 2,
+        )  # fmt: skip
+
+    def forward(
+        self, theta_k: Sequence[Tensor], f_t: Sequence[Tensor], f_k: Sequence[Tensor]
+    ) -> list[Tensor]:
+        if not len(theta_k) == len(f_t) == len(f_k):
+            raise ValueError(
+                f"KernelWarp: got {len(theta_k)} kernel levels, {len(f_t)} target and "
+                f"{len(f_k)} reference feature levels; they must match"
+            )
+        return [self.warp(th, self.offsets(ft, fk)) for th, ft, fk in zip(theta_k, f_t, f_k)]
