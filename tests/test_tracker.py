@@ -1,0 +1,127 @@
+"""Tracker logic with a scripted stand-in for the model's inference step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from visstg.tracker import FrameOutput, OnlineTracker, TrackerConfig, encode_masks
+
+H, W = 32, 48  # input == original size in these tests; masks at stride 4 -> 8 x 12
+
+
+class ScriptedModel:
+    """Returns scripted detections; a detection's node feature is the one-hot of its true object,
+    and an edge scores 0.9 exactly when the reference's feature matches (a perfect edge classifier
+    for the objects it knows) and the classes agree."""
+
+    def __init__(self, script: list[list[tuple[int, int, float, tuple]]], n_objects: int = 8):
+        self.script, self.n = script, n_objects
+        self.t = 0
+        self.seen_refs: list[int] = []
+
+    def inference_step(self, image, image_size, state, refs):
+        dets = self.script[self.t]
+        self.t += 1
+        self.seen_refs.append(len(refs))
+        d = len(dets)
+        boxes = torch.tensor([b for _, _, _, b in dets], dtype=torch.float).reshape(d, 4)
+        feats = torch.zeros((d, 1, self.n))
+        for j, (obj, _, _, _) in enumerate(dets):
+            feats[j, 0, obj] = 1.0
+        logits = torch.full((d, H // 4, W // 4), -10.0)
+        for j, (x0, y0, x1, y1) in enumerate(boxes.div(4).long().tolist()):
+            logits[j, y0:y1, x0:x1] = 10.0
+        labels = torch.tensor([lab for _, lab, _, _ in dets], dtype=torch.long)
+        edges = torch.zeros((len(refs), d))
+        if len(refs) and d:
+            same_obj = refs.node_feats[:, 0] @ feats[:, 0].T  # [R, D]
+            same_cls = refs.labels[:, None] == labels[None]
+            edges = 0.9 * same_obj * same_cls
+        out = FrameOutput(
+            boxes=boxes,
+            scores=torch.tensor([s for _, _, s, _ in dets]),
+            labels=labels,
+            mask_logits=logits,
+            node_feats=feats,
+            edge_scores=edges,
+        )
+        return out, state
+
+
+def run(script, **cfg) -> tuple[OnlineTracker, list]:
+    tracker = OnlineTracker(ScriptedModel(script), TrackerConfig(**cfg))
+    per_frame = [tracker.step(torch.zeros(3, H, W), (H, W), (H, W)) for _ in script]
+    return tracker, per_frame
+
+
+BOX_A, BOX_B = (4, 4, 16, 16), (24, 8, 40, 24)
+
+
+def test_id_survives_occlusion_shorter_than_max_age() -> None:
+    # object 0 visible, hidden for 3 frames, visible again; object 1 always visible
+    script = [[(0, 1, 0.9, BOX_A), (1, 1, 0.8, BOX_B)]] * 2 + [[(1, 1, 0.8, BOX_B)]] * 3
+    script += [[(0, 1, 0.9, BOX_A), (1, 1, 0.8, BOX_B)]]
+    tracker, frames = run(script, max_age=7)
+    ids_a = {tid for f in frames for tid, _, s, _ in f if s == pytest.approx(0.9)}
+    assert ids_a == {1}  # re-identified from memory
+    assert tracker.model.seen_refs == [0, 2, 2, 2, 2, 2]  # the lost track stays a reference
+
+
+def test_new_id_after_max_age() -> None:
+    script = [[(0, 1, 0.9, BOX_A)]] + [[]] * 3 + [[(0, 1, 0.9, BOX_A)]]
+    tracker, frames = run(script, max_age=2)
+    assert frames[0][0][0] == 1 and frames[-1][0][0] == 2  # memory expired: a new track
+    # unmatched in frames 1-3: a reference in frames 1, 2 and 3 (age <= 2 before each), gone in 4
+    assert tracker.model.seen_refs == [0, 1, 1, 1, 0]
+    assert len(tracker.video_results(len(script))) == 2
+
+
+@pytest.mark.parametrize(("hidden", "same_id"), [(3, True), (4, False)])
+def test_max_age_boundary(hidden: int, same_id: bool) -> None:
+    script = [[(0, 1, 0.9, BOX_A)]] + [[]] * hidden + [[(0, 1, 0.9, BOX_A)]]
+    _, frames = run(script, max_age=3)
+    assert (frames[-1][0][0] == 1) is same_id
+
+
+def test_never_two_detections_on_one_track() -> None:
+    # two detections of the same object in frame 1 (a duplicate): only the higher one continues
+    script = [[(0, 1, 0.9, BOX_A)], [(0, 1, 0.6, BOX_B), (0, 1, 0.7, BOX_A)]]
+    _, frames = run(script)
+    ids = [tid for tid, _, _, _ in frames[1]]
+    assert len(ids) == len(set(ids)) == 2
+    by_score = {round(s, 3): tid for tid, _, s, _ in frames[1]}
+    assert by_score[0.7] == 1 and by_score[0.6] == 2
+
+
+def test_class_change_is_not_associated_and_low_scores_are_dropped() -> None:
+    script = [[(0, 1, 0.9, BOX_A)], [(0, 2, 0.9, BOX_A), (2, 1, 0.05, BOX_B)]]
+    _, frames = run(script, score_threshold=0.1)
+    assert [tid for tid, _, _, _ in frames[1]] == [2]
+
+
+def test_video_results_vote_category_and_average_score() -> None:
+    script = [[(0, 1, 0.9, BOX_A)], [(0, 1, 0.5, BOX_A)], [], [(0, 1, 0.7, BOX_A)]]
+    tracker, _ = run(script)
+    (res,) = tracker.video_results(len(script))
+    assert res["label"] == 1 and res["score"] == pytest.approx((0.9 + 0.5 + 0.7) / 3)
+    segs = res["segmentations"]
+    assert segs[2] is None and all(s is not None for i, s in enumerate(segs) if i != 2)
+    m = mask_utils.decode({"size": segs[0]["size"], "counts": segs[0]["counts"].encode()})
+    np.testing.assert_array_equal(np.argwhere(m).min(0), [4, 4])
+    np.testing.assert_array_equal(np.argwhere(m).max(0), [15, 15])
+    # bilinear upsampling of the logits trims the four box corners: 144 - 4 pixels
+    assert m.sum() == 12 * 12 - 4
+
+
+def test_encode_masks_maps_back_to_original_resolution() -> None:
+    logits = torch.full((1, 8, 12), -10.0)
+    logits[0, 2:4, 3:6] = 10.0  # stride 4 -> rows 8..16, cols 12..24 of a 32x48 input
+    (r,) = encode_masks(logits, valid_size=(32, 48), orig_size=(64, 96))
+    m = mask_utils.decode({"size": r["size"], "counts": r["counts"].encode()})
+    assert m.shape == (64, 96)
+    ys, xs = np.nonzero(m)
+    assert abs(ys.min() - 16) <= 3 and abs(ys.max() - 31) <= 3
+    assert abs(xs.min() - 24) <= 3 and abs(xs.max() - 47) <= 3
