@@ -7,7 +7,7 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from visstg.tracker import FrameOutput, OnlineTracker, TrackerConfig, encode_masks
+from visstg.tracker import OnlineTracker, TrackerConfig, encode_masks
 
 H, W = 32, 48  # input == original size in these tests; masks at stride 4 -> 8 x 12
 
@@ -21,11 +21,16 @@ class ScriptedModel:
         self.script, self.n = script, n_objects
         self.t = 0
         self.seen_refs: list[int] = []
+        self.seen_lost_kernels: list[int] = []
 
-    def inference_step(self, image, image_size, state, refs):
+    def inference_step(self, image, state=None, references=None, image_size=None):
         dets = self.script[self.t]
         self.t += 1
-        self.seen_refs.append(len(refs))
+        refs = references or {}
+        ref_feats = refs.get("memory_nodes", torch.zeros((0, 1, self.n)))
+        ref_labels = refs.get("memory_labels", torch.zeros((0,), dtype=torch.long))
+        self.seen_refs.append(len(ref_labels))
+        self.seen_lost_kernels.append(len(refs.get("memory_kernels", [])))
         d = len(dets)
         boxes = torch.tensor([b for _, _, _, b in dets], dtype=torch.float).reshape(d, 4)
         feats = torch.zeros((d, 1, self.n))
@@ -35,19 +40,19 @@ class ScriptedModel:
         for j, (x0, y0, x1, y1) in enumerate(boxes.div(4).long().tolist()):
             logits[j, y0:y1, x0:x1] = 10.0
         labels = torch.tensor([lab for _, lab, _, _ in dets], dtype=torch.long)
-        edges = torch.zeros((len(refs), d))
-        if len(refs) and d:
-            same_obj = refs.node_feats[:, 0] @ feats[:, 0].T  # [R, D]
-            same_cls = refs.labels[:, None] == labels[None]
-            edges = 0.9 * same_obj * same_cls
-        out = FrameOutput(
-            boxes=boxes,
-            scores=torch.tensor([s for _, _, s, _ in dets]),
-            labels=labels,
-            mask_logits=logits,
-            node_feats=feats,
-            edge_scores=edges,
-        )
+        same_obj = ref_feats[:, 0] @ feats[:, 0].T  # [R, D]
+        same_cls = ref_labels[:, None] == labels[None]
+        out = {
+            "boxes": boxes,
+            "scores": torch.tensor([s for _, _, s, _ in dets]),
+            "labels": labels,
+            "levels": torch.zeros(d, dtype=torch.long),
+            "cells": boxes[:, :2].flip(1).div(8).long(),
+            "masks": logits,
+            "node_features": feats,
+            "kernels": torch.zeros((d, 169)),
+            "edge_scores": 0.9 * same_obj * same_cls,
+        }
         return out, state
 
 
@@ -68,6 +73,7 @@ def test_id_survives_occlusion_shorter_than_max_age() -> None:
     ids_a = {tid for f in frames for tid, _, s, _ in f if s == pytest.approx(0.9)}
     assert ids_a == {1}  # re-identified from memory
     assert tracker.model.seen_refs == [0, 2, 2, 2, 2, 2]  # the lost track stays a reference
+    assert tracker.model.seen_lost_kernels == [0, 0, 0, 1, 1, 1]  # and re-injects its kernel
 
 
 def test_new_id_after_max_age() -> None:

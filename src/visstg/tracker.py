@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 __all__ = [
-    "References",
-    "FrameOutput",
     "InferenceModel",
     "TrackerConfig",
     "OnlineTracker",
@@ -37,46 +35,25 @@ __all__ = [
 ]
 
 
-@dataclass
-class References:
-    """The reference nodes handed to the model for one frame (R = live tracks).
-
-    node_feats: [R, L, D] per-level node features of each track when last seen.
-    centers: [R, 2] (x, y) input pixels of each track's last box centre.
-    labels: [R] class of each track (edges are only scored against detections of that class).
-    """
-
-    node_feats: torch.Tensor
-    centers: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.labels.shape[0]
-
-
-@dataclass
-class FrameOutput:
-    """What the model's inference step returns for one frame (D detections, R references).
-
-    boxes: [D, 4] xyxy input pixels; scores: [D]; labels: [D] contiguous classes;
-    mask_logits: [D, h, w] at ``mask_stride`` of the padded input; node_feats: [D, L, D']
-    each detection's node features (become the track's reference node next frame);
-    edge_scores: [R, D] association probability (0 where there is no edge).
-    """
-
-    boxes: torch.Tensor
-    scores: torch.Tensor
-    labels: torch.Tensor
-    mask_logits: torch.Tensor
-    node_feats: torch.Tensor
-    edge_scores: torch.Tensor
-    mask_stride: int = 4
-
-
 class InferenceModel(Protocol):
+    """What the tracker needs of a model (:meth:`visstg.model.VisSTG.inference_step`).
+
+    ``references`` (R live tracks): ``memory_nodes [R, L, D]`` node features of each track when
+    last seen, ``memory_centers [R, 2]`` (x, y input px of its last box centre),
+    ``memory_labels [R]``, and for tracks lost in the previous frame their stored kernels
+    ``memory_kernels [K, P]`` at ``memory_levels [K]`` / ``memory_cells [K, 2]`` (y, x).
+    The outputs (Dn detections) used here: ``boxes [Dn, 4]`` xyxy input px, ``scores [Dn]``,
+    ``labels [Dn]``, ``levels [Dn]``, ``cells [Dn, 2]``, ``masks [Dn, H/4, W/4]`` logits,
+    ``edge_scores [R, Dn]`` (0 where no edge), ``node_features [Dn, L, D]``, ``kernels [Dn, P]``.
+    """
+
     def inference_step(
-        self, image: torch.Tensor, image_size: tuple[int, int], state: Any, refs: References
-    ) -> tuple[FrameOutput, Any]: ...
+        self,
+        image: torch.Tensor,
+        state: Any = None,
+        references: dict[str, torch.Tensor] | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], Any]: ...
 
 
 @dataclass
@@ -106,6 +83,9 @@ class Track:
     node_feats: torch.Tensor  # [L, D]
     center: torch.Tensor  # [2]
     box: torch.Tensor  # [4]
+    kernel: torch.Tensor | None = None  # [P] dynamic mask parameters when last seen
+    level: int = 0  # FPN level and (y, x) cell of its last detection
+    cell: torch.Tensor | None = None  # [2]
     age: int = 0  # frames since last matched
     frames: dict[int, tuple[dict, float, int]] = field(
         default_factory=dict
@@ -168,18 +148,26 @@ class OnlineTracker:
         self.next_id = 1
         self.frame_index = 0
 
-    def references(self, device: torch.device | str = "cpu") -> References:
+    def references(self) -> dict[str, torch.Tensor] | None:
+        """Every live track as a reference node (stored node features at its last centre).
+
+        A matched track's stored features are ROIAlign of frame t-1 over its box, i.e. what
+        the model would compute for an active track; tracks lost earlier keep older features
+        and re-inject their kernels into theta_{t-1} (the paper's memory, 3.6).
+        """
         if not self.live:
-            return References(
-                torch.zeros((0, 0, 0), device=device),
-                torch.zeros((0, 2), device=device),
-                torch.zeros((0,), dtype=torch.long, device=device),
-            )
-        return References(
-            torch.stack([t.node_feats for t in self.live]).to(device),
-            torch.stack([t.center for t in self.live]).to(device),
-            torch.tensor([t.label for t in self.live], dtype=torch.long, device=device),
-        )
+            return None
+        lost = [t for t in self.live if t.age > 0 and t.kernel is not None]
+        refs = {
+            "memory_nodes": torch.stack([t.node_feats for t in self.live]),  # [R, L, D]
+            "memory_centers": torch.stack([t.center for t in self.live]),  # [R, 2]
+            "memory_labels": torch.tensor([t.label for t in self.live], dtype=torch.long),
+        }
+        if lost:
+            refs["memory_kernels"] = torch.stack([t.kernel for t in lost])  # [K, P]
+            refs["memory_levels"] = torch.tensor([t.level for t in lost], dtype=torch.long)
+            refs["memory_cells"] = torch.stack([t.cell for t in lost])  # [K, 2]
+        return refs
 
     @torch.no_grad()
     def step(
@@ -199,40 +187,45 @@ class OnlineTracker:
         """
         if image.dim() == 3:
             image = image[None]
-        refs = self.references(image.device)
-        out, self.state = self.model.inference_step(image, valid_size, self.state, refs)
-        keep = out.scores >= self.cfg.score_threshold
-        order = torch.argsort(out.scores[keep], descending=True, stable=True)
+        refs = self.references()
+        if refs is not None:
+            refs = {k: v.to(image.device) for k, v in refs.items()}
+        out, self.state = self.model.inference_step(image, self.state, refs, image_size=valid_size)
+        scores = out["scores"]
+        keep = scores >= self.cfg.score_threshold
+        order = torch.argsort(scores[keep], descending=True, stable=True)
         idx = torch.nonzero(keep).flatten()[order]  # detections, highest score first
 
-        assigned = self._associate(out.edge_scores[:, idx], out.scores[idx])  # det -> live index
+        n_refs = len(self.live)
+        edges = out["edge_scores"][:n_refs, idx] if n_refs else scores.new_zeros(0, len(idx))
+        assigned = self._associate(edges)  # kept detection -> live track index or None
+        stride = getattr(self.model, "mask_stride", 4)
         rles = encode_masks(
-            out.mask_logits[idx], valid_size, orig_size, out.mask_stride, self.cfg.mask_threshold
+            out["masks"][idx], valid_size, orig_size, stride, self.cfg.mask_threshold
         )
+        kernels = out.get("kernels")
         t = self.frame_index
         matched: set[int] = set()
         results = []
         for j, det in enumerate(idx.tolist()):
-            score, label = float(out.scores[det]), int(out.labels[det])
-            box = out.boxes[det]
-            center = (box[:2] + box[2:]) / 2
+            score, label = float(scores[det]), int(out["labels"][det])
+            box = out["boxes"][det]
             ref = assigned[j]
             if ref is not None:
                 track = self.live[ref]
-                track.node_feats, track.box, track.center, track.age = (
-                    out.node_feats[det],
-                    box,
-                    center,
-                    0,
-                )
                 matched.add(ref)
             elif score >= self.cfg.new_track_threshold:
-                track = Track(self.next_id, label, out.node_feats[det], center, box)
+                track = Track(self.next_id, label, out["node_features"][det], box, box)
                 self.next_id += 1
                 self.live.append(track)
                 matched.add(len(self.live) - 1)
             else:
                 continue
+            # The track's summary becomes this detection's (its reference node next frame).
+            track.node_feats, track.box, track.age = out["node_features"][det], box, 0
+            track.center = (box[:2] + box[2:]) / 2
+            track.level, track.cell = int(out["levels"][det]), out["cells"][det]
+            track.kernel = kernels[det] if kernels is not None else None
             track.frames[t] = (rles[j], score, label)
             results.append((track.id, label, score, rles[j]))
 
@@ -245,7 +238,7 @@ class OnlineTracker:
         self.frame_index += 1
         return results
 
-    def _associate(self, edge_scores: torch.Tensor, det_scores: torch.Tensor) -> list[int | None]:
+    def _associate(self, edge_scores: torch.Tensor) -> list[int | None]:
         """Greedy: detections (already in descending score order) take their best free edge.
 
         Args:
