@@ -1,0 +1,36 @@
+"""YouTube-VIS / OVIS evaluation: the official video AP/AR (fast), HOTA, results files.
+
+Nothing here imports torch: a results file can be scored on a machine without it.
+"""
+
+from visstg.eval.results import (
+    EvalInputError,
+    load_gt,
+    load_results,
+    make_submission_zip,
+    tracks_to_results,
+    write_results,
+)
+from visstg.eval.table import format_table
+from visstg.eval.ytvis_eval import STAT_KEYS, evaluate
+
+
+def hota(gt, results):
+    """HOTA/DetA/AssA via trackeval; see :func:`visstg.eval.hota.hota` (imported lazily)."""
+    from visstg.eval.hota import hota as _hota
+
+    return _hota(gt, results)
+
+
+__all__ = [
+    "STAT_KEYS",
+    "EvalInputError",
+    "evaluate",
+    "format_table",
+    "hota",
+    "load_gt",
+    "load_results",
+    "make_submission_zip",
+    "tracks_to_results",
+    "write_results",
+]

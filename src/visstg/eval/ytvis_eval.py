@@ -1,0 +1,419 @@
+"""YouTube-VIS video AP/AR, numerically identical to the official evaluator, and fast.
+
+The official evaluator (youtubevos/cocoapi ``ytvoseval.py``) scores a (detection track,
+ground-truth track) pair by *video IoU*: the sum over frames of mask intersections divided by
+the sum over frames of unions, over the frames both tracks' lists cover (a frame where only one
+side has a mask adds its area to the union). It computes that with two RLE merges per frame per
+pair. Here each frame is scored once for all pairs of a (video, category) with one
+``pycocotools.mask.iou`` call; intersections are recovered exactly as integers, so the sums and
+the final division are the same float64 numbers as the official code's. The greedy matching,
+accumulation and summary follow the official conventions (stable sorts, ``np.linspace``
+thresholds, closed area ranges, maxDets per (video, category), -1 for nothing valid).
+
+Public entry point: :func:`evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from visstg.eval.results import EvalInputError, PathLike, load_gt, load_results
+
+log = logging.getLogger(__name__)
+
+# The official parameters, built exactly as the official code builds them (np.linspace, not
+# np.arange, so that 0.75 is exactly representable and thresholds compare as they do there).
+IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
+REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
+MAX_DETS = (1, 10, 100)
+AREA_RNG = ((0.0, 1e5**2), (0.0, 128.0**2), (128.0**2, 256.0**2), (256.0**2, 1e5**2))
+AREA_LBL = ("all", "small", "medium", "large")
+STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+# OVIS occlusion levels on the mean bounding-box overlap rate (MBOR), closed ends like areas.
+OCC_RNG = ((0.0, 0.25), (0.25, 0.5), (0.5, 1.0))
+OCC_LBL = ("light", "medium", "heavy")
+_OCC_NAMES = {
+    "light": 0.125,
+    "slight": 0.125,
+    "medium": 0.375,
+    "moderate": 0.375,
+    "heavy": 0.75,
+    "severe": 0.75,
+}
+
+
+@dataclass
+class Track:
+    """One prepared track (ground truth or detection) of one (video, category)."""
+
+    id: int
+    score: float
+    segs: list  # one compressed RLE dict or None per frame
+    mask_areas: np.ndarray  # [len(segs)] int64 pixel areas, 0 where absent
+    avg_area: float
+    iscrowd: int = 0
+    occlusion: float | None = None
+
+
+@dataclass
+class Prepared:
+    """Ground truth and results grouped by (video_id, category_id), as the official code does."""
+
+    vid_ids: list
+    cat_ids: list
+    cat_names: dict
+    gts: dict = field(default_factory=lambda: defaultdict(list))
+    dts: dict = field(default_factory=lambda: defaultdict(list))
+    has_occlusion: bool = False
+
+
+def _nonzero_mean(values) -> float:
+    """Mean of the truthy entries (the official track area), 0 when there are none."""
+    kept = [a for a in values if a]
+    return np.array(kept).mean() if kept else 0
+
+
+def _occlusion_value(ann: Mapping) -> float | None:
+    occ = ann.get("occlusion")
+    if occ is None:
+        return None
+    if isinstance(occ, str):
+        if occ.lower() not in _OCC_NAMES:
+            raise EvalInputError(f"annotation {ann.get('id')}: unknown occlusion level {occ!r}")
+        return _OCC_NAMES[occ.lower()]
+    if isinstance(occ, list):  # per-frame values: the track's level is their mean
+        vals = [
+            float(_OCC_NAMES.get(v, v) if isinstance(v, str) else v) for v in occ if v is not None
+        ]
+        return float(np.mean(vals)) if vals else None
+    return float(occ)
+
+
+def prepare(gt: PathLike | Mapping, results: PathLike | Sequence) -> Prepared:
+    """Load, check and group ground truth and results (see :mod:`visstg.eval.results`)."""
+    gt = load_gt(gt)
+    dts = load_results(results, gt)
+    cats = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
+    p = Prepared(
+        vid_ids=sorted({v["id"] for v in gt["videos"]}),
+        cat_ids=sorted(cats),
+        cat_names=cats,
+    )
+    vids, catset = set(p.vid_ids), set(p.cat_ids)
+    for ann in gt["annotations"]:
+        if ann["video_id"] not in vids or ann["category_id"] not in catset:
+            continue
+        occ = _occlusion_value(ann)
+        p.has_occlusion |= occ is not None
+        p.gts[ann["video_id"], ann["category_id"]].append(
+            Track(
+                id=ann["id"],
+                score=0.0,
+                segs=ann["segmentations"],
+                mask_areas=None,  # filled per video below
+                avg_area=_nonzero_mean(ann["areas"]),
+                iscrowd=int(ann["iscrowd"]),
+                occlusion=occ,
+            )
+        )
+    dropped = 0
+    for i, r in enumerate(dts):
+        if r["category_id"] not in catset:
+            dropped += 1
+            continue
+        # Result ids are 1-based positions in the file, as the official loader assigns them.
+        p.dts[r["video_id"], r["category_id"]].append(
+            Track(id=i + 1, score=r["score"], segs=r["segmentations"], mask_areas=None, avg_area=0)
+        )
+    if dropped:
+        log.warning(
+            "%d result(s) have a category_id absent from the ground truth: ignored", dropped
+        )
+    _fill_areas(p)
+    return p
+
+
+def mask_areas(rles: Sequence[dict]) -> np.ndarray:
+    """Pixel areas of RLE masks as uint32, in blocks: pycocotools 2.0.11's ``area`` overflows
+    (``OverflowError: ... out of bounds for uint8``) on lists of 256 masks or more."""
+    blocks = [mask_utils.area(list(rles[i : i + 255])) for i in range(0, len(rles), 255)]
+    return np.concatenate(blocks).astype(np.uint32) if blocks else np.zeros(0, np.uint32)
+
+
+def _fill_areas(p: Prepared) -> None:
+    """Pixel areas of every mask, one pycocotools call per video; detection track areas."""
+    by_video = defaultdict(list)
+    for (vid, _), tracks in list(p.gts.items()) + list(p.dts.items()):
+        by_video[vid].extend(tracks)
+    for tracks in by_video.values():
+        rles = [s for t in tracks for s in t.segs if s]
+        areas = mask_areas(rles)
+        k = 0
+        for t in tracks:
+            present = np.fromiter((bool(s) for s in t.segs), bool, len(t.segs))
+            n = int(present.sum())
+            a32 = areas[k : k + n]  # uint32, as pycocotools returns them
+            k += n
+            full = np.zeros(len(t.segs), np.int64)
+            full[present] = a32
+            t.mask_areas = full
+    for tracks in p.dts.values():
+        for t in tracks:
+            present = np.fromiter((bool(s) for s in t.segs), bool, len(t.segs))
+            a32 = t.mask_areas[present].astype(np.uint32)
+            nz = a32[a32 != 0]
+            # Same dtype (uint32) and values as the official np.array(list).mean().
+            t.avg_area = nz.mean() if len(nz) else 0
+
+
+def video_ious(dts: Sequence[Track], gts: Sequence[Track]) -> np.ndarray:
+    """Video IoU of every (detection, ground truth) pair: [D, G] float64.
+
+    Frames beyond the shorter of the two lists are not counted (the official code zips the
+    two lists). I and U are integer sums, so I / U is bit-identical to the official value.
+    """
+    D, G = len(dts), len(gts)
+    if D == 0 or G == 0:
+        return np.zeros((D, G))
+    len_d = np.array([len(t.segs) for t in dts])
+    len_g = np.array([len(t.segs) for t in gts])
+    L = np.minimum(len_d[:, None], len_g[None, :])  # [D, G] frames counted per pair
+    F = int(L.max())
+
+    def cum_areas(tracks):  # [N, F + 1]: areas summed over the first f frames
+        a = np.zeros((len(tracks), F + 1), np.int64)
+        for i, t in enumerate(tracks):
+            n = min(len(t.segs), F)
+            a[i, 1 : n + 1] = t.mask_areas[:n]
+        return np.cumsum(a, axis=1)
+
+    union = (
+        np.take_along_axis(cum_areas(dts), L, axis=1)
+        + np.take_along_axis(cum_areas(gts), L.T, axis=1).T
+    )  # [D, G] sum of both areas over the counted frames
+    inter = np.zeros((D, G), np.int64)
+    for f in range(F):
+        di = [i for i, t in enumerate(dts) if f < len(t.segs) and t.segs[f]]
+        gi = [j for j, t in enumerate(gts) if f < len(t.segs) and t.segs[f]]
+        if not di or not gi:
+            continue
+        d_rles = [dts[i].segs[f] for i in di]
+        g_rles = [gts[j].segs[f] for j in gi]
+        # With iscrowd=1 pycocotools returns I / area(dt); I is an integer below 2^32, so
+        # multiplying back and rounding recovers it exactly.
+        ioa = np.asarray(mask_utils.iou(d_rles, g_rles, [1] * len(gi)))  # [d, g]
+        if (ioa < 0).any():
+            raise EvalInputError(f"frame {f}: detection and ground-truth mask sizes differ")
+        a_d = np.array([dts[i].mask_areas[f] for i in di], np.float64)
+        sub = np.rint(ioa * a_d[:, None]).astype(np.int64)
+        di_a, gi_a = np.array(di), np.array(gi)
+        sub *= f < L[np.ix_(di_a, gi_a)]
+        inter[np.ix_(di_a, gi_a)] += sub
+    union -= inter
+    i_f, u_f = inter.astype(np.float64), union.astype(np.float64)
+    return np.divide(i_f, u_f, out=np.zeros((D, G)), where=u_f > 0)
+
+
+@dataclass
+class VideoEval:
+    """Matching of one (video, category, range): the official ``evaluateVid`` record."""
+
+    dt_scores: np.ndarray  # [D] sorted descending
+    dt_matches: np.ndarray  # [T, D] matched ground-truth id, 0 = unmatched
+    dt_ignore: np.ndarray  # [T, D] bool
+    gt_ignore: np.ndarray  # [G] bool
+
+
+def match(
+    ious: np.ndarray,
+    gt_ids: Sequence[int],
+    gt_ignore: np.ndarray,
+    gt_crowd: np.ndarray,
+    dt_out_of_range: np.ndarray,
+    dt_scores: np.ndarray,
+) -> VideoEval:
+    """Greedy matching at every IoU threshold, the official rules.
+
+    Detections (rows of ``ious``, already sorted by score) take, in order, the best available
+    ground truth with IoU >= threshold; the last of equal-IoU candidates wins; a detection
+    matched to a regular ground truth never moves on to ignored ones; crowd ground truth can
+    absorb any number of detections. Unmatched detections out of range are ignored.
+    """
+    T, D, G = len(IOU_THRS), ious.shape[0], len(gt_ids)
+    order = np.argsort(gt_ignore, kind="mergesort")  # ignored ground truth last, stable
+    ig = gt_ignore[order].tolist()
+    crowd = gt_crowd[order].tolist()
+    ids = [gt_ids[j] for j in order]
+    dtm = np.zeros((T, D))
+    dt_ig = np.zeros((T, D), bool)
+    if D and G:
+        iou_sorted = ious[:, order]
+        best = iou_sorted.max(axis=1)
+        rows = iou_sorted.tolist()
+        for ti, t in enumerate(IOU_THRS.tolist()):
+            thr = min(t, 1 - 1e-10)
+            taken = [False] * G
+            # A detection whose best IoU is below the threshold cannot match anything.
+            for d in np.flatnonzero(best >= thr).tolist():
+                row, cur, m = rows[d], thr, -1
+                for g in range(G):
+                    if taken[g] and not crowd[g]:
+                        continue
+                    if m > -1 and not ig[m] and ig[g]:
+                        break
+                    if row[g] < cur:
+                        continue
+                    cur, m = row[g], g
+                if m == -1:
+                    continue
+                dt_ig[ti, d] = ig[m]
+                dtm[ti, d] = ids[m]
+                taken[m] = True
+    dt_ig |= (dtm == 0) & dt_out_of_range[None, :]
+    return VideoEval(dt_scores, dtm, dt_ig, gt_ignore[order])
+
+
+def accumulate(evals: Sequence[VideoEval | None], max_det: int) -> tuple[np.ndarray, np.ndarray]:
+    """Precision [T, R] and recall [T] over the videos of one (category, range); -1 if no gt."""
+    T, R = len(IOU_THRS), len(REC_THRS)
+    evals = [e for e in evals if e is not None]
+    precision, recall = -np.ones((T, R)), -np.ones(T)
+    if not evals:
+        return precision, recall
+    gt_ig = np.concatenate([e.gt_ignore for e in evals])
+    npig = np.count_nonzero(gt_ig == 0)
+    if npig == 0:
+        return precision, recall
+    scores = np.concatenate([e.dt_scores[:max_det] for e in evals])
+    inds = np.argsort(-scores, kind="mergesort")  # stable: ties keep video order
+    dtm = np.concatenate([e.dt_matches[:, :max_det] for e in evals], axis=1)[:, inds]
+    dt_ig = np.concatenate([e.dt_ignore[:, :max_det] for e in evals], axis=1)[:, inds]
+    tps = np.logical_and(dtm, np.logical_not(dt_ig))
+    fps = np.logical_and(np.logical_not(dtm), np.logical_not(dt_ig))
+    tp = np.cumsum(tps, axis=1).astype(np.float64)  # [T, N]
+    fp = np.cumsum(fps, axis=1).astype(np.float64)
+    nd = tp.shape[1]
+    rc = tp / npig
+    pr = tp / (fp + tp + np.spacing(1))
+    recall = rc[:, -1].copy() if nd else np.zeros(T)
+    # Precision envelope (max over higher recall), then sampled at the recall thresholds.
+    pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
+    precision = np.zeros((T, R))
+    for t in range(T):
+        ri = np.searchsorted(rc[t], REC_THRS, side="left")
+        ok = ri < nd
+        precision[t, ok] = pr[t, ri[ok]]
+    return precision, recall
+
+
+def _summarize(precision, recall, iou=None, a=0, m=2, ap=True) -> float:
+    s = precision if ap else recall  # [T, R, K, A, M] / [T, K, A, M]
+    if iou is not None:
+        s = s[np.where(iou == IOU_THRS)[0]]
+    s = s[..., a, m]
+    valid = s[s > -1]
+    return float(np.mean(valid)) if len(valid) else -1.0
+
+
+def summarize(precision: np.ndarray, recall: np.ndarray) -> dict[str, float]:
+    """The 12 official statistics from precision [T,R,K,A,M] and recall [T,K,A,M]."""
+    return {
+        "AP": _summarize(precision, recall),
+        "AP50": _summarize(precision, recall, iou=0.5),
+        "AP75": _summarize(precision, recall, iou=0.75),
+        "APs": _summarize(precision, recall, a=1),
+        "APm": _summarize(precision, recall, a=2),
+        "APl": _summarize(precision, recall, a=3),
+        "AR1": _summarize(precision, recall, m=0, ap=False),
+        "AR10": _summarize(precision, recall, m=1, ap=False),
+        "AR100": _summarize(precision, recall, m=2, ap=False),
+        "ARs": _summarize(precision, recall, a=1, ap=False),
+        "ARm": _summarize(precision, recall, a=2, ap=False),
+        "ARl": _summarize(precision, recall, a=3, ap=False),
+    }
+
+
+def evaluate_prepared(p: Prepared, iou_fn=video_ious) -> dict:
+    """Score prepared data; see :func:`evaluate` for the returned keys."""
+    T, R, K, M = len(IOU_THRS), len(REC_THRS), len(p.cat_ids), len(MAX_DETS)
+    ranges = [("area", lo, hi) for lo, hi in AREA_RNG]
+    if p.has_occlusion:
+        ranges += [("occ", lo, hi) for lo, hi in OCC_RNG]
+    A = len(ranges)
+    precision = -np.ones((T, R, K, A, M))
+    recall = -np.ones((T, K, A, M))
+    max_det = MAX_DETS[-1]
+    for k, cat in enumerate(p.cat_ids):
+        per_range = [[] for _ in ranges]
+        for vid in p.vid_ids:
+            gts, dts = p.gts.get((vid, cat), []), p.dts.get((vid, cat), [])
+            if not gts and not dts:
+                for lst in per_range:
+                    lst.append(None)
+                continue
+            order = np.argsort([-t.score for t in dts], kind="mergesort")[:max_det]
+            dts = [dts[i] for i in order]
+            ious = iou_fn(dts, gts)
+            crowd = np.array([t.iscrowd for t in gts], bool)
+            g_area = np.array([t.avg_area for t in gts], np.float64)
+            d_area = np.array([t.avg_area for t in dts], np.float64)
+            scores = np.array([t.score for t in dts], np.float64)
+            g_occ = np.array(
+                [np.nan if t.occlusion is None else t.occlusion for t in gts], np.float64
+            )
+            gt_ids = [t.id for t in gts]
+            for r, (kind, lo, hi) in enumerate(ranges):
+                if kind == "area":
+                    g_out = (g_area < lo) | (g_area > hi)
+                    d_out = (d_area < lo) | (d_area > hi)
+                else:  # detections carry no occlusion level: none is ignored by range
+                    g_out = ~((g_occ >= lo) & (g_occ <= hi))
+                    d_out = np.zeros(len(dts), bool)
+                per_range[r].append(match(ious, gt_ids, crowd | g_out, crowd, d_out, scores))
+        for r in range(A):
+            for m, md in enumerate(MAX_DETS):
+                precision[:, :, k, r, m], recall[:, k, r, m] = accumulate(per_range[r], md)
+    out = summarize(precision[..., :4, :], recall[..., :4, :])
+    per_cat = {}
+    for k, cat in enumerate(p.cat_ids):
+        s = precision[:, :, k, 0, -1]
+        per_cat[p.cat_names[cat]] = float(np.mean(s[s > -1])) if (s > -1).any() else -1.0
+    out["per_category_AP"] = per_cat
+    if p.has_occlusion:
+        occ = {}
+        for j, lbl in enumerate(OCC_LBL):
+            occ[f"AP_{lbl}"] = _summarize(precision, recall, a=4 + j)
+            occ[f"AR_{lbl}"] = _summarize(precision, recall, a=4 + j, ap=False)
+        out["occlusion"] = occ
+    out["_precision"], out["_recall"] = precision, recall
+    return out
+
+
+def evaluate(gt: PathLike | Mapping, results: PathLike | Sequence) -> dict:
+    """YouTube-VIS video AP/AR of a results file (or list) against ground truth.
+
+    Args:
+        gt: ground-truth JSON path or loaded dict (YouTube-VIS 2019/2021 or OVIS layout).
+        results: results JSON path or list in the official results format.
+
+    Returns:
+        dict with the 12 official statistics as floats (``STAT_KEYS``: AP ... ARl; fractions,
+        -1 where the official code gives -1), ``per_category_AP`` {category name: AP or -1},
+        and, when the ground truth has OVIS ``occlusion`` labels, ``occlusion`` with
+        ``AP_light/AP_medium/AP_heavy`` and ``AR_*``.
+    """
+    p = prepare(gt, results)
+    if not any(p.dts.values()):
+        log.warning(
+            "the results hold no track: every statistic that has ground truth is 0 "
+            "(the official code stops with an IndexError on an empty list)"
+        )
+    out = evaluate_prepared(p)
+    out.pop("_precision"), out.pop("_recall")
+    return out
