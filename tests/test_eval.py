@@ -1,0 +1,344 @@
+"""YouTube-VIS evaluation: hand-computed values, official conventions, fast == reference, CLI."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from pycocotools import mask as mask_utils
+
+from visstg.eval import (
+    STAT_KEYS,
+    evaluate,
+    hota,
+    load_results,
+    make_submission_zip,
+    tracks_to_results,
+    write_results,
+)
+from visstg.eval.reference import evaluate_reference
+
+
+# --------------------------------------------------------------------------- helpers
+def box(h, w, y0, x0, y1, x1):
+    """Compressed RLE (str counts) of the box [y0:y1, x0:x1] in an h x w frame."""
+    m = np.zeros((h, w), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    rle = mask_utils.encode(np.asfortranarray(m))
+    return {"size": [h, w], "counts": rle["counts"].decode()}
+
+
+def area(rle):
+    return None if rle is None else int(mask_utils.area(rle))
+
+
+def make_gt(tracks, n_videos=1, h=10, w=10, n_frames=3, n_cats=1):
+    """tracks: dicts with video_id, category_id, segmentations (+ optional iscrowd, occlusion)."""
+    videos = [
+        {"id": v, "height": h, "width": w, "length": n_frames,
+         "file_names": [f"v{v}/{f}.jpg" for f in range(n_frames)]}
+        for v in range(1, n_videos + 1)
+    ]  # fmt: skip
+    anns = []
+    for i, t in enumerate(tracks):
+        a = {"id": i + 1, "iscrowd": 0, "areas": [area(s) for s in t["segmentations"]]}
+        a.update(t)
+        anns.append(a)
+    cats = [{"id": c, "name": f"cat{c}"} for c in range(1, n_cats + 1)]
+    return {"videos": videos, "categories": cats, "annotations": anns}
+
+
+def det(segs, score, video_id=1, category_id=1):
+    return {"video_id": video_id, "category_id": category_id, "score": score,
+            "segmentations": segs}  # fmt: skip
+
+
+def check_against_reference(gt, res):
+    fast, ref = evaluate(gt, res), evaluate_reference(gt, res)
+    for k in STAT_KEYS:
+        assert fast[k] == pytest.approx(ref[k], abs=1e-9), k
+    return fast
+
+
+ONE = pytest.approx(1.0, abs=1e-12)  # precision is tp / (tp + fp + eps)
+B4 = box(10, 10, 2, 2, 6, 6)  # 16 px
+B2 = box(10, 10, 0, 0, 2, 2)  # 4 px
+FAR = box(10, 10, 8, 8, 10, 10)  # 4 px, disjoint from B4 and B2
+
+
+# --------------------------------------------------------------------------- hand-computed
+def test_one_video_by_hand():
+    # GT: 16 px in frames 0-1, absent in frame 2. Detection: the same two masks plus 4 px in
+    # frame 2, where only it has a mask: video IoU = (16 + 16) / (16 + 16 + 4) = 0.889, so it
+    # matches at thresholds 0.50..0.85 (8 of 10). A second, disjoint detection comes later.
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4, B4, None]}])
+    res = [det([B4, B4, B2], 0.9), det([FAR, FAR, FAR], 0.5)]
+    m = check_against_reference(gt, res)
+    # GT area 16 and detection areas 12 / 4: all small.
+    expected = dict(AP=0.8, AP50=1.0, AP75=1.0, APs=0.8, APm=-1.0, APl=-1.0,
+                    AR1=0.8, AR10=0.8, AR100=0.8, ARs=0.8, ARm=-1.0, ARl=-1.0)  # fmt: skip
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v, abs=1e-12), k
+    assert m["per_category_AP"] == {"cat1": pytest.approx(0.8)}
+
+
+def test_video_iou_is_sum_of_intersections_over_sum_of_unions():
+    # Frame 0: exact 2x2 (I=4, U=4). Frame 1: GT is the full 10x10 frame, detection 8x8.
+    # Sum: 68 / 104 = 0.654 -> matches at 0.50, 0.55, 0.60, 0.65 only: AP = 0.4.
+    # (A per-frame mean, (1 + 0.64) / 2 = 0.82, would give 0.7.)
+    full, b8 = box(10, 10, 0, 0, 10, 10), box(10, 10, 0, 0, 8, 8)
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B2, full]}], n_frames=2)
+    m = check_against_reference(gt, [det([B2, b8], 1.0)])
+    assert m["AP"] == pytest.approx(0.4, abs=1e-12)
+
+
+def test_frames_beyond_the_shorter_list_are_not_counted():
+    # The official code zips the two lists: a result with 2 entries for a 3-frame video is
+    # scored on 2 frames only (IoU 1, AP 1); extra entries past the GT's list are ignored.
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4, B4, B4]}])
+    assert check_against_reference(gt, [det([B4, B4], 1.0)])["AP"] == ONE
+    assert check_against_reference(gt, [det([B4, B4, B4, FAR, FAR], 1.0)])["AP"] == ONE
+
+
+def test_empty_masks_and_absent_frames():
+    empty = box(10, 10, 0, 0, 0, 0)
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4, empty, None]}])
+    res = [det([B4, empty, empty], 0.7), det([None, None, None], 0.9), det([empty] * 3, 0.8)]
+    m = check_against_reference(gt, res)
+    # The all-empty detections rank first and are false positives: precision 1/3 at recall 1.
+    assert m["AP50"] == pytest.approx(1 / 3, abs=1e-12)
+
+
+@pytest.mark.parametrize(("order", "expected"), [("fp_first", 0.5), ("tp_first", 1.0)])
+def test_score_ties_keep_file_order(order, expected):
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4, B4, B4]}])
+    tp, fp = det([B4] * 3, 0.5), det([FAR] * 3, 0.5)
+    res = [fp, tp] if order == "fp_first" else [tp, fp]
+    assert check_against_reference(gt, res)["AP"] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(("fp_video", "expected"), [(1, 0.5), (2, 1.0)])
+def test_score_ties_across_videos_in_ascending_video_id(fp_video, expected):
+    tp_video = 3 - fp_video
+    gt = make_gt([{"video_id": tp_video, "category_id": 1, "segmentations": [B4] * 3}], n_videos=2)
+    # The file lists the true positive first; the tie is still broken by video id.
+    res = [det([B4] * 3, 0.5, video_id=tp_video), det([FAR] * 3, 0.5, video_id=fp_video)]
+    assert check_against_reference(gt, res)["AP"] == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("side", "expected"),
+    [(128, {"APs": 1.0, "APm": 1.0, "APl": -1.0}), (256, {"APs": -1.0, "APm": 1.0, "APl": 1.0})],
+)
+def test_area_range_boundaries_are_closed(side, expected):
+    # A track of exactly 128^2 (256^2) pixels is both small and medium (medium and large).
+    b = box(side, side, 0, 0, side, side)
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [b]}], h=side, w=side,
+                 n_frames=1)  # fmt: skip
+    m = check_against_reference(gt, [det([b], 1.0)])
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v, abs=1e-12), k
+
+
+def test_track_area_is_mean_of_nonzero_areas_from_the_areas_field():
+    # Areas field [0, 16384, None, 16384]: zeros and nulls are left out, mean 16384: medium.
+    b = box(128, 128, 0, 0, 128, 128)
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [b]}], h=128, w=128,
+                 n_frames=1)  # fmt: skip
+    gt["annotations"][0]["areas"] = [0, 16384, None, 16384]
+    assert check_against_reference(gt, [det([b], 1.0)])["APm"] == ONE
+
+
+def test_crowd_ground_truth_absorbs_detections_and_is_ignored():
+    crowd = box(10, 10, 0, 0, 10, 5)
+    gt = make_gt([
+        {"video_id": 1, "category_id": 1, "segmentations": [B4] * 3},
+        {"video_id": 1, "category_id": 1, "segmentations": [crowd] * 3, "iscrowd": 1},
+    ])  # fmt: skip
+    # Two detections on the crowd region (both ignored, one crowd takes any number) rank
+    # above the true positive: AP stays 1.
+    res = [det([crowd] * 3, 0.9), det([crowd] * 3, 0.8), det([B4] * 3, 0.7)]
+    assert check_against_reference(gt, res)["AP"] == ONE
+    only_crowd = make_gt([gt["annotations"][1]])
+    assert all(v == -1 for k, v in check_against_reference(only_crowd, res).items()
+               if k in STAT_KEYS)  # fmt: skip
+
+
+def test_statistics_without_ground_truth_are_minus_one():
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4] * 3}], n_cats=2)
+    m = check_against_reference(gt, [det([B4] * 3, 1.0), det([B4] * 3, 1.0, category_id=2)])
+    assert m["per_category_AP"] == {"cat1": ONE, "cat2": -1.0}
+    assert m["AP"] == ONE  # the category without ground truth does not drag the mean
+
+
+def test_max_dets_limit_each_video_and_category():
+    # One video, two categories, one correct detection each: AR1 is 1 because maxDets=1
+    # applies per (video, category), not per video.
+    gt = make_gt([
+        {"video_id": 1, "category_id": 1, "segmentations": [B4] * 3},
+        {"video_id": 1, "category_id": 2, "segmentations": [B2] * 3},
+    ], n_cats=2)  # fmt: skip
+    res = [det([B4] * 3, 0.9), det([B2] * 3, 0.8, category_id=2)]
+    assert check_against_reference(gt, res)["AR1"] == ONE
+
+
+def test_empty_results_give_zeros_and_a_warning(caplog):
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4] * 3}])
+    with caplog.at_level(logging.WARNING):
+        m = evaluate(gt, [])
+    assert "no track" in caplog.text
+    assert m["AP"] == 0.0 and m["AR100"] == 0.0 and m["APs"] == 0.0 and m["APm"] == -1.0
+
+
+def test_ovis_occlusion_ranges():
+    gt = make_gt([
+        {"video_id": 1, "category_id": 1, "segmentations": [B4] * 3, "occlusion": 0.1},
+        {"video_id": 1, "category_id": 1, "segmentations": [B2] * 3, "occlusion": [0.7, 0.9, None]},
+    ])  # fmt: skip
+    m = evaluate(gt, [det([B4] * 3, 0.9)])
+    occ = m["occlusion"]
+    assert occ["AP_light"] == ONE and occ["AR_light"] == 1.0
+    assert occ["AP_heavy"] == 0.0 and occ["AR_heavy"] == 0.0
+    assert occ["AP_medium"] == -1.0
+    assert "occlusion" not in evaluate(make_gt([gt["annotations"][0] | {"occlusion": None}]), [])
+
+
+# --------------------------------------------------------------------------- fast == reference
+def random_case(seed, n_videos=3, n_cats=3, h=12, w=16, n_frames=5):
+    rng = np.random.default_rng(seed)
+
+    def rand_box():
+        if rng.random() < 0.1:
+            return box(h, w, 0, 0, 0, 0)  # empty mask
+        y0, x0 = rng.integers(0, h), rng.integers(0, w)
+        return box(h, w, y0, x0, rng.integers(y0, h + 1), rng.integers(x0, w + 1))
+
+    def shifted(rle):
+        m = np.roll(mask_utils.decode(rle), int(rng.integers(-1, 2)), axis=int(rng.integers(2)))
+        return {
+            "size": [h, w],
+            "counts": mask_utils.encode(np.asfortranarray(m))["counts"].decode(),
+        }
+
+    tracks, res = [], []
+    for v in range(1, n_videos + 1):
+        for _ in range(rng.integers(0, 4)):
+            segs = [None if rng.random() < 0.2 else rand_box() for _ in range(n_frames)]
+            tracks.append({"video_id": v, "category_id": int(rng.integers(1, n_cats + 1)),
+                           "segmentations": segs, "iscrowd": int(rng.random() < 0.1)})  # fmt: skip
+            for _ in range(rng.integers(0, 3)):  # noisy copies
+                s = [shifted(x) if x and rng.random() < 0.9 else None for x in segs]
+                s = s[: int(rng.integers(1, n_frames + 3))] if rng.random() < 0.3 else s
+                c = (
+                    tracks[-1]["category_id"]
+                    if rng.random() < 0.8
+                    else int(rng.integers(1, n_cats + 2))
+                )
+                res.append(det(s, float(rng.choice([0.5, 0.9, rng.random()])), v, c))
+        for _ in range(rng.integers(0, 6)):  # distractors
+            s = [None if rng.random() < 0.2 else rand_box() for _ in range(n_frames)]
+            res.append(
+                det(s, float(rng.choice([0.5, rng.random()])), v, int(rng.integers(1, n_cats + 1)))
+            )
+    return make_gt(tracks, n_videos, h, w, n_frames, n_cats), res
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_equals_reference_on_random_inputs(seed):
+    gt, res = random_case(seed, n_videos=1 + seed % 4)
+    check_against_reference(gt, res)
+
+
+def test_more_than_100_detections_per_video_and_category():
+    gt, res = random_case(7, n_videos=1, n_cats=1)
+    rng = np.random.default_rng(0)
+    res = res + [det(r["segmentations"], float(rng.choice([0.1, 0.2]))) for r in res * 40][:150]
+    check_against_reference(gt, res)
+
+
+# --------------------------------------------------------------------------- results files
+def test_results_writer_zip_and_loader(tmp_path):
+    raw = mask_utils.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))  # bytes counts
+    tracks = [{"video_id": 1, "category_id": 1, "score": np.float32(0.5),
+               "segmentations": [raw, None]}]  # fmt: skip
+    res = tracks_to_results(tracks, video_lengths={1: 3})
+    assert res[0]["segmentations"][1:] == [None, None]
+    assert isinstance(res[0]["segmentations"][0]["counts"], str)
+    path = write_results(tracks, tmp_path / "r.json", video_lengths={1: 3})
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4] * 3}])
+    assert load_results(path, gt)[0]["segmentations"][0] == res[0]["segmentations"][0]
+    zp = make_submission_zip(path, tmp_path / "sub.zip")
+    with zipfile.ZipFile(zp) as zf:
+        assert zf.namelist() == ["results.json"]
+        assert json.loads(zf.read("results.json")) == res
+
+
+# --------------------------------------------------------------------------- HOTA
+def test_hota_perfect_then_lower_with_swapped_ids():
+    a, b = box(10, 10, 0, 0, 4, 4), box(10, 10, 5, 5, 10, 10)
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [a] * 4},
+                  {"video_id": 1, "category_id": 1, "segmentations": [b] * 4}], n_frames=4)  # fmt: skip
+    perfect = hota(gt, [det([a] * 4, 0.9), det([b] * 4, 0.8)])
+    assert perfect == {"HOTA": 1.0, "DetA": 1.0, "AssA": 1.0}
+    swapped = hota(gt, [det([a, a, b, b], 0.9), det([b, b, a, a], 0.8)])
+    assert swapped["DetA"] == pytest.approx(1.0)
+    assert swapped["AssA"] < 1.0 and swapped["HOTA"] < 1.0
+
+
+# --------------------------------------------------------------------------- command line
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "visstg.evaluate", *args], cwd=cwd,
+                          capture_output=True, text=True)  # fmt: skip
+
+
+def test_cli_writes_metrics_and_nothing_else(tmp_path):
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4, B4, None]}])
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps([det([B4, B4, B2], 0.9)]))
+    p = run_cli("gt=gt.json", "results=res.json", "output=m.json", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert "Average Precision" in p.stdout and "HOTA" in p.stdout
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert set(STAT_KEYS) <= set(m) and {"HOTA", "DetA", "AssA", "per_category_AP"} <= set(m)
+    assert m["AP"] == pytest.approx(0.8)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["gt.json", "m.json", "res.json"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (json.dumps([det([B4] * 3, 0.9, video_id=7)]), "video_id 7 is not a video"),
+        (json.dumps([det([[1, 1, 5, 1, 5, 5]] * 3, 0.9)]), "polygons are not accepted"),
+        ('[{"video_id": 1,', "is not valid JSON"),
+    ],
+)
+def test_cli_bad_results_name_the_file(tmp_path, content, message):
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4] * 3}])
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "bad.json").write_text(content)
+    p = run_cli("gt=gt.json", "results=bad.json", "hota=false", cwd=tmp_path)
+    assert p.returncode != 0
+    assert message in p.stderr and "bad.json" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_scoring_never_imports_torch(tmp_path):
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4] * 3}])
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    code = (
+        "import sys, json\n"
+        "import visstg.evaluate as E\n"
+        "gt = json.load(open('gt.json'))\n"
+        "res = [{'video_id': 1, 'category_id': 1, 'score': 1.0,"
+        " 'segmentations': gt['annotations'][0]['segmentations']}]\n"
+        "json.dump(res, open('r.json', 'w'))\n"
+        "E.evaluate_files('gt.json', 'r.json', None, with_hota=True)\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
