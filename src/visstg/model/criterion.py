@@ -1,0 +1,138 @@
+"""The training objective (paper Eq. 7): L = l1 * L_det + l2 * L_mask + l3 * L_edge.
+
+``VisSTGCriterion`` turns ``VisSTG.forward_train``'s raw outputs and the batch's ground truth into
+targets (Gaussian heatmaps, stride-4 masks, E_prune edge labels) and scores them with the pure
+loss functions of ``visstg.model.losses`` / ``detection`` / ``tracking``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from visstg.model.detection import Assignment, centernet_loss, heatmap_targets
+from visstg.model.losses import dice_loss, downsample_masks, edge_loss
+from visstg.model.tracking import edge_training_targets
+
+LOSS_KEYS = (
+    "loss_center",
+    "loss_size",
+    "loss_offset",
+    "loss_mask",
+    "loss_mask_warp",
+    "loss_mask_ref",
+    "loss_edge",
+)
+
+
+def assignment_masks(
+    targets: Sequence[dict[str, Tensor]], assignment: Assignment, shape: tuple[int, int]
+) -> Tensor:
+    """Ground-truth masks of the assigned instances, in assignment order: ``[N, H, W]`` bool."""
+    rows = [
+        targets[b]["masks"][i]
+        for b, i in zip(assignment.batch.tolist(), assignment.instance.tolist())
+    ]
+    if not rows:
+        return torch.zeros(0, *shape, dtype=torch.bool, device=assignment.batch.device)
+    return torch.stack(rows)  # [N, H, W]
+
+
+def _match(logits: Tensor, target: Tensor) -> Tensor:
+    """Crop or zero-pad ``target [N, h', w']`` to ``logits``' spatial size (they differ by a cell
+    when the input is not a multiple of 8)."""
+    h, w = logits.shape[-2:]
+    target = target[..., :h, :w]
+    return F.pad(target, (0, w - target.shape[-1], 0, h - target.shape[-2]))
+
+
+class VisSTGCriterion(nn.Module):
+    """L_total = l1 * L_det + l2 * L_mask + l3 * L_edge (paper Eq. 3, 6, 7).
+
+    - L_det = loss_center + loss_size + loss_offset (CenterNet; ``size_weight`` and
+      ``offset_weight`` are already applied to the last two, paper Eq. 3).
+    - L_mask = mask_weights[target] * loss_mask (dice of M, target kernels) +
+      mask_weights[warp] * loss_mask_warp (dice of M', warped reference kernels) +
+      mask_weights[ref] * loss_mask_ref (dice of the reference frame's masks, paper 3.6).
+    - L_edge = loss_edge (BCE over E_prune, paper Eq. 6).
+
+    Args:
+        weights: ``{"det": l1, "mask": l2, "edge": l3}``.
+        size_weight, offset_weight: lambda_size, lambda_offset.
+        mask_weights: ``{"target", "warp", "ref"}`` weights inside L_mask.
+        min_overlap: Gaussian radius parameter of the heatmap targets.
+        mask_target_stride: stride of the mask logits (4).
+
+    ``forward(outputs, batch)`` returns every ``loss_*`` component (unweighted by l1-l3) and
+    ``loss``, the total. All are finite scalars connected to the autograd graph, also when the
+    batch has no instance or no edge.
+    """
+
+    def __init__(
+        self,
+        weights: Mapping[str, float] | None = None,
+        size_weight: float = 0.1,
+        offset_weight: float = 1.0,
+        mask_weights: Mapping[str, float] | None = None,
+        min_overlap: float = 0.7,
+        mask_target_stride: int = 4,
+    ) -> None:
+        super().__init__()
+        self.weights = {"det": 1.0, "mask": 1.0, "edge": 1.0, **dict(weights or {})}
+        self.mask_weights = {"target": 1.0, "warp": 1.0, "ref": 1.0, **dict(mask_weights or {})}
+        self.size_weight = size_weight
+        self.offset_weight = offset_weight
+        self.min_overlap = min_overlap
+        self.mask_target_stride = mask_target_stride
+
+    def _dice(self, logits: Tensor, targets: Sequence[dict[str, Tensor]], a: Assignment) -> Tensor:
+        shape = tuple(targets[0]["masks"].shape[-2:]) if targets else (0, 0)
+        masks = assignment_masks(targets, a, shape).to(logits.device)  # [N, H, W]
+        soft = downsample_masks(masks, self.mask_target_stride)  # [N, H/4, W/4]
+        return dice_loss(logits, _match(logits, soft))
+
+    def forward(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, Tensor]:
+        tgt: Assignment = outputs["tgt_assignment"]
+        ref: Assignment = outputs["ref_assignment"]
+        det = outputs["det"]
+        heatmaps = heatmap_targets(
+            tgt,
+            outputs["level_shapes"],
+            outputs["batch_size"],
+            outputs["num_classes"],
+            outputs["strides"],
+            self.min_overlap,
+        )  # L x [B, C, H_l, W_l]
+        losses = centernet_loss(det, tgt, heatmaps, self.size_weight, self.offset_weight)
+
+        # Keeps every kernel map (and so the controller / warp module) in the graph even when
+        # a frame has no instance and the gathered kernels are empty.
+        zero = sum(m.sum() for maps in outputs["kernel_maps"].values() for m in maps) * 0
+        losses["loss_mask"] = self._dice(outputs["mask_logits"], batch["tgt_targets"], tgt) + zero
+        warp = outputs.get("mask_warp_logits")
+        losses["loss_mask_warp"] = (
+            self._dice(warp, batch["tgt_targets"], tgt) + zero if warp is not None else zero
+        )
+        losses["loss_mask_ref"] = (
+            self._dice(outputs["ref_mask_logits"], batch["ref_targets"], ref) + zero
+        )
+
+        ref_labels = torch.cat([t["labels"].long() for t in batch["ref_targets"]])  # [M]
+        ref_tracks = torch.cat([t["track_ids"].long() for t in batch["ref_targets"]])  # [M]
+        edge_ids, labels = edge_training_targets(outputs["graph"], tgt, ref_labels, ref_tracks)
+        logits = outputs["edge_logits"]
+        losses["loss_edge"] = edge_loss(logits[edge_ids], labels, all_logits=logits)
+
+        w, mw = self.weights, self.mask_weights
+        l_det = losses["loss_center"] + losses["loss_size"] + losses["loss_offset"]
+        l_mask = (
+            mw["target"] * losses["loss_mask"]
+            + mw["warp"] * losses["loss_mask_warp"]
+            + mw["ref"] * losses["loss_mask_ref"]
+        )
+        losses["loss"] = w["det"] * l_det + w["mask"] * l_mask + w["edge"] * losses["loss_edge"]
+        return losses

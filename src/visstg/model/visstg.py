@@ -1,0 +1,384 @@
+"""VisSTG: the composed network (paper Fig. 2; DESIGN.md section 1).
+
+Two entry points share every part:
+
+* ``forward_train(batch)``: a batch of (reference, target) pairs -> raw outputs for
+  ``VisSTGCriterion``.
+* ``inference_step(image, state, references)``: one frame of an online pass, given the small
+  state carried from the previous frame -> detections, masks, edge scores, node features.
+
+The first frame (or any frame without a reference node) goes through the same code with an empty
+edge set, so the fused maps equal the backbone maps (the paper's "plain branch").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from visstg.model.backbone import ResNetFPN
+from visstg.model.detection import (
+    DEFAULT_SIZE_RANGES,
+    DEFAULT_STRIDES,
+    CenterNetHead,
+    assign_targets,
+    decode_detections,
+    gather_at_cells,
+)
+from visstg.model.gnn import SpatialTemporalGNN
+from visstg.model.graph import GraphBuilder
+from visstg.model.propagation import KernelWarp
+from visstg.model.segmentation import (
+    DEFAULT_SIZES_OF_INTEREST,
+    Controller,
+    MaskBranch,
+    dynamic_mask_head,
+    num_dynamic_params,
+    upsample_mask_logits,
+)
+from visstg.model.tracking import EdgeClassifier, edge_scores_for_detections
+
+FUSIONS = ("relation", "concat", "none")
+ASSOCIATIONS = ("edge", "embedding", "offset")
+MASK_COMBINES = ("mean", "target", "warp")
+
+
+def _as_ranges(size_ranges: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:
+    return tuple((float(lo), float(hi)) for lo, hi in size_ranges)
+
+
+class VisSTG(nn.Module):
+    """Detect, segment and track with a spatial-temporal graph.
+
+    Every submodule is injected; ``None`` builds the default at dimension ``dim`` (paper sizes).
+
+    Args:
+        num_classes: C.
+        backbone: returns L pyramid maps ``[N, D, H_l, W_l]`` (default ``ResNetFPN(50, dim)``).
+        graph: ``GraphBuilder`` (reference encoder + window edges).
+        gnn: ``SpatialTemporalGNN``.
+        det_head: ``CenterNetHead``.
+        controller: ``Controller`` (169 dynamic parameters per location).
+        mask_branch: ``MaskBranch`` (P3-P5 -> 8 channels at stride 8).
+        kernel_warp: ``KernelWarp``; built when ``None`` and ``propagation`` is on.
+        edge_classifier: ``EdgeClassifier``.
+        dim: feature size D (only used to build defaults).
+        strides, size_ranges, sizes_of_interest: per pyramid level.
+        mask_feat_stride: stride of the mask-branch features (8); mask logits are upsampled by
+            ``mask_upsample`` (2), so they come out at ``self.mask_stride`` = 8 / 2 = 4.
+        mask_combine: inference mask logit when a reference exists: ``"mean"`` of M and M',
+            ``"target"`` (M only) or ``"warp"`` (M' only).
+        fusion: ``"relation"`` (the GNN). ``"concat"`` and ``"none"`` are the paper's ablations
+            (not implemented yet).
+        association: ``"edge"`` (edge classifier). ``"embedding"``/``"offset"`` not implemented yet.
+        propagation: kernel warping on/off.
+        topk, nms_thresh, score_thresh: detection decoding.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: nn.Module | None = None,
+        graph: GraphBuilder | None = None,
+        gnn: nn.Module | None = None,
+        det_head: nn.Module | None = None,
+        controller: nn.Module | None = None,
+        mask_branch: nn.Module | None = None,
+        kernel_warp: nn.Module | None = None,
+        edge_classifier: nn.Module | None = None,
+        dim: int = 256,
+        strides: Sequence[int] = DEFAULT_STRIDES,
+        size_ranges: Sequence[Sequence[float]] = DEFAULT_SIZE_RANGES,
+        sizes_of_interest: Sequence[float] = DEFAULT_SIZES_OF_INTEREST,
+        mask_feat_stride: int = 8,
+        mask_upsample: int = 2,
+        mask_combine: str = "mean",
+        fusion: str = "relation",
+        association: str = "edge",
+        propagation: bool = True,
+        topk: int = 100,
+        nms_thresh: float = 0.6,
+        score_thresh: float = 0.05,
+    ) -> None:
+        super().__init__()
+        for name, value, allowed in (
+            ("fusion", fusion, FUSIONS),
+            ("association", association, ASSOCIATIONS),
+            ("mask_combine", mask_combine, MASK_COMBINES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"VisSTG: {name} must be one of {allowed}, got {value!r}")
+        if fusion != "relation":
+            raise NotImplementedError(
+                f"VisSTG: fusion={fusion!r} (a paper ablation) is not implemented yet; "
+                "use model.fusion=relation"
+            )
+        if association != "edge":
+            raise NotImplementedError(
+                f"VisSTG: association={association!r} (a paper ablation) is not implemented yet; "
+                "use model.association=edge"
+            )
+        strides = tuple(int(s) for s in strides)
+        if not len(strides) == len(size_ranges) == len(sizes_of_interest):
+            raise ValueError(
+                f"VisSTG: {len(strides)} strides, {len(size_ranges)} size ranges and "
+                f"{len(sizes_of_interest)} sizes of interest; one per pyramid level is needed"
+            )
+        num_params = num_dynamic_params()
+        self.num_classes = num_classes
+        self.strides = strides
+        self.size_ranges = _as_ranges(size_ranges)
+        self.sizes_of_interest = tuple(float(s) for s in sizes_of_interest)
+        self.mask_feat_stride = mask_feat_stride
+        # Stride of every returned mask logit map (the tracker reads it to place masks).
+        self.mask_stride = mask_feat_stride // mask_upsample
+        self.mask_upsample = mask_upsample
+        self.mask_combine = mask_combine
+        self.fusion = fusion
+        self.association = association
+        self.propagation = propagation
+        self.topk, self.nms_thresh, self.score_thresh = topk, nms_thresh, score_thresh
+
+        self.backbone = backbone if backbone is not None else ResNetFPN(50, dim)
+        self.graph = graph if graph is not None else GraphBuilder(dim, strides)
+        self.gnn = gnn if gnn is not None else SpatialTemporalGNN(dim)
+        self.det_head = det_head if det_head is not None else CenterNetHead(num_classes, dim, dim)
+        self.controller = controller if controller is not None else Controller(dim, num_params, dim)
+        self.mask_branch = mask_branch if mask_branch is not None else MaskBranch(dim)
+        if propagation:
+            self.kernel_warp = (
+                kernel_warp if kernel_warp is not None else KernelWarp(dim, num_params)
+            )
+        else:
+            self.kernel_warp = None
+        self.edge_classifier = (
+            edge_classifier if edge_classifier is not None else EdgeClassifier(dim)
+        )
+
+    # ------------------------------------------------------------------ shared pieces
+    def _soi(self, level: Tensor) -> Tensor:
+        return torch.tensor(self.sizes_of_interest, device=level.device)[level]  # [N]
+
+    def _masks_at(
+        self, mask_feats: Tensor, kernel_maps: Sequence[Tensor], batch: Tensor, level: Tensor,
+        cell: Tensor, centers: Tensor,
+    ) -> Tensor:  # fmt: skip
+        """Dynamic-head mask logits of instances whose kernels are read at (level, cell):
+        ``[N, mask_upsample * h, mask_upsample * w]`` (stride 4 by default)."""
+        params = gather_at_cells(kernel_maps, batch, level, cell)  # [N, 169]
+        if params.shape[0] == 0:  # keep the kernel maps in the autograd graph
+            params = params + sum(k.sum() for k in kernel_maps) * 0
+        logits = dynamic_mask_head(
+            mask_feats, params, batch, centers, self._soi(level), self.mask_feat_stride
+        )  # [N, h, w]
+        return upsample_mask_logits(logits, self.mask_upsample)
+
+    def _fuse(self, graph) -> dict[str, Any]:
+        return self.gnn(graph)  # fusion == "relation"
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.forward_train(batch)
+
+    def forward_train(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Training forward on B (reference, target) pairs (``docs/contracts.md`` batch).
+
+        Returns a dict (M reference / N target ground-truth instances, E edges):
+            - ``det``: CenterNet head on the fused target maps (lists over levels of
+              ``heatmap [B, C, H_l, W_l]``, ``size``/``offset [B, 2, H_l, W_l]``)
+            - ``tgt_assignment`` / ``ref_assignment``: ``Assignment`` of the target / reference
+              ground truth (levels, centre cells, ...)
+            - ``mask_logits [N, H/4, W/4]``: M, target kernels at the target GT centres
+            - ``mask_warp_logits [N, H/4, W/4]``: M', warped reference kernels (None if off)
+            - ``ref_mask_logits [M, H/4, W/4]``: reference kernels at reference GT centres
+            - ``edge_logits [E]``, ``graph`` (the cross-frame ``Data``)
+            - ``kernel_maps``: the 169-channel maps (theta_t, theta_k, theta_warp) for keeping
+              every head in the autograd graph when there is no instance
+            - ``level_shapes``, ``strides``, ``num_classes``, ``batch_size``
+        """
+        ref_images, tgt_images = batch["ref_images"], batch["tgt_images"]
+        b = ref_images.shape[0]
+        feats = self.backbone(torch.cat([ref_images, tgt_images]))  # L x [2B, D, H_l, W_l]
+        f_k = [f[:b] for f in feats]  # reference frames
+        f_t = [f[b:] for f in feats]  # target frames
+        level_shapes = [tuple(f.shape[-2:]) for f in f_t]
+
+        ref_targets, tgt_targets = batch["ref_targets"], batch["tgt_targets"]
+        graph = self.graph(f_k, [t["boxes"].float() for t in ref_targets], f_t)
+        fused = self._fuse(graph)
+        maps = fused["maps"]  # F^_t, L x [B, D, H_l, W_l]
+
+        det = self.det_head(maps)
+        tgt = assign_targets(tgt_targets, level_shapes, self.strides, self.size_ranges)
+        ref = assign_targets(ref_targets, level_shapes, self.strides, self.size_ranges)
+
+        theta_t = self.controller(maps)  # L x [B, 169, H_l, W_l]
+        theta_k = self.controller(f_k)
+        mask_feats_t = self.mask_branch(maps)  # [B, 8, H/8, W/8]
+        mask_feats_k = self.mask_branch(f_k)
+        mask_logits = self._masks_at(
+            mask_feats_t, theta_t, tgt.batch, tgt.level, tgt.cell, tgt.centers
+        )
+        ref_mask_logits = self._masks_at(
+            mask_feats_k, theta_k, ref.batch, ref.level, ref.cell, ref.centers
+        )
+        kernel_maps = {"theta_t": theta_t, "theta_k": theta_k}
+        mask_warp_logits = None
+        if self.kernel_warp is not None:
+            theta_warp = self.kernel_warp(theta_k, f_t, f_k)  # L x [B, 169, H_l, W_l]
+            kernel_maps["theta_warp"] = theta_warp
+            mask_warp_logits = self._masks_at(
+                mask_feats_t, theta_warp, tgt.batch, tgt.level, tgt.cell, tgt.centers
+            )
+        edge_logits = self.edge_classifier(fused["edge_attr"])  # [E]
+        return {
+            "det": det,
+            "tgt_assignment": tgt,
+            "ref_assignment": ref,
+            "mask_logits": mask_logits,
+            "mask_warp_logits": mask_warp_logits,
+            "ref_mask_logits": ref_mask_logits,
+            "edge_logits": edge_logits,
+            "graph": graph,
+            "kernel_maps": kernel_maps,
+            "level_shapes": level_shapes,
+            "strides": self.strides,
+            "num_classes": self.num_classes,
+            "batch_size": b,
+        }
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def inference_step(
+        self,
+        image: Tensor,
+        state: dict[str, Any] | None = None,
+        references: dict[str, Tensor] | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Process one frame of an online pass.
+
+        Args:
+            image: ``[1, 3, H, W]`` normalised, padded frame t.
+            state: what the previous call returned as ``new_state`` (``None`` on the first
+                frame): ``feats`` (L x ``[1, D, H_l, W_l]`` backbone maps of frame t-1) and
+                ``kernels`` (L x ``[1, 169, H_l, W_l]``, controller on those maps).
+            references: reference instances for the graph (ignored without ``state``):
+                ``boxes [A, 4]`` (active tracks' boxes on frame t-1, xyxy input pixels;
+                ROIAlign on ``state["feats"]``) and ``labels [A]``; optionally memory entries
+                ``memory_nodes [K, L, D]`` (stored node features), ``memory_centers [K, 2]``
+                (x, y of their last box), ``memory_labels [K]``, and to re-inject their kernels
+                into theta_{t-1} before warping, ``memory_kernels [K, 169]`` with
+                ``memory_levels [K]`` and ``memory_cells [K, 2]`` (y, x).
+            image_size: ``(h, w)`` of the valid region (default: the whole image).
+
+        Returns:
+            ``(outputs, new_state)``. ``outputs`` (Dn detections, R = A + K references, active
+            tracks first then memory entries):
+                - ``boxes [Dn, 4]``, ``scores [Dn]``, ``labels [Dn]``, ``levels [Dn]``,
+                  ``cells [Dn, 2]`` (y, x of the peak), sorted by score
+                - ``masks [Dn, H/4, W/4]`` mask logits at stride 4 (``mask_combine`` of M and
+                  M' when a reference frame exists and propagation is on, else M)
+                - ``edge_scores [R, Dn]`` association probabilities (0 where no same-class edge)
+                - ``node_features [Dn, L, D]`` ROIAlign of this frame's backbone maps over the
+                  detected boxes (what a lost track keeps in memory)
+                - ``kernels [Dn, 169]`` dynamic parameters at the detections
+            ``new_state``: ``feats`` and ``kernels`` of this frame (fixed size, no per-track data).
+        """
+        if image.dim() != 4 or image.shape[0] != 1:
+            raise ValueError(
+                f"inference_step expects one frame [1, 3, H, W], got {tuple(image.shape)}"
+            )
+        device = image.device
+        h, w = image_size if image_size is not None else image.shape[-2:]
+        f_t = self.backbone(image)  # L x [1, D, H_l, W_l]
+        num_levels, dim = len(f_t), f_t[0].shape[1]
+
+        # Reference nodes: active tracks (ROIAlign on F_{t-1}) then memory entries.
+        nodes, centers, labels = [f_t[0].new_zeros(0, num_levels, dim)], [], []
+        if state is not None and references is not None:
+            boxes = references.get("boxes")
+            if boxes is not None and len(boxes):
+                boxes = boxes.to(device).float()
+                nodes.append(self.graph.encode_reference(state["feats"], [boxes]))  # [A, L, D]
+                centers.append((boxes[:, :2] + boxes[:, 2:]) / 2)
+                labels.append(references["labels"].to(device).long())
+            mem = references.get("memory_nodes")
+            if mem is not None and len(mem):
+                nodes.append(mem.to(device))  # [K, L, D]
+                centers.append(references["memory_centers"].to(device).float())
+                labels.append(references["memory_labels"].to(device).long())
+        ref_nodes = torch.cat(nodes)  # [R, L, D]
+        ref_centers = torch.cat(centers) if centers else image.new_zeros(0, 2)
+        ref_labels = (
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+        )
+        num_refs = ref_nodes.shape[0]
+        ref_batch = torch.zeros(num_refs, dtype=torch.long, device=device)
+
+        graph = self.graph.build_graph(ref_nodes, ref_centers, ref_batch, f_t)
+        fused = self._fuse(graph)
+        maps = fused["maps"]
+        det = self.det_head(maps)
+        sizes = torch.tensor([[h, w]], device=device)
+        dets = decode_detections(
+            det, self.strides, sizes, self.topk, self.nms_thresh, self.score_thresh
+        )[0]
+        n = dets["scores"].numel()
+        det_batch = torch.zeros(n, dtype=torch.long, device=device)
+        # Exact peak centres (cell + predicted offset) for the relative coordinates.
+        offset = gather_at_cells(det["offset"], det_batch, dets["levels"], dets["cells"])  # [n, 2]
+        stride = torch.tensor(self.strides, device=device, dtype=offset.dtype)[dets["levels"]]
+        det_centers = (dets["cells"].flip(1).to(offset.dtype) + offset) * stride[:, None]  # (x, y)
+
+        theta_t = self.controller(maps)
+        mask_feats = self.mask_branch(maps)
+        args = (det_batch, dets["levels"], dets["cells"], det_centers)
+        masks = self._masks_at(mask_feats, theta_t, *args)  # [n, H/4, W/4] M
+        if state is not None and self.kernel_warp is not None and self.mask_combine != "target":
+            theta_prev = self._with_memory_kernels(state["kernels"], references)
+            theta_warp = self.kernel_warp(theta_prev, f_t, state["feats"])
+            warped = self._masks_at(mask_feats, theta_warp, *args)  # M'
+            masks = warped if self.mask_combine == "warp" else (masks + warped) / 2
+
+        edge_logits = self.edge_classifier(fused["edge_attr"])  # [E]
+        edge_scores = edge_scores_for_detections(
+            graph, edge_logits, dets["levels"], det_batch, dets["cells"], dets["labels"],
+            ref_labels, num_refs,
+        )  # fmt: skip
+        outputs = {
+            **dets,
+            "masks": masks,
+            "edge_scores": edge_scores,
+            "node_features": self.graph.encode_reference(f_t, [dets["boxes"]]),  # [n, L, D]
+            "kernels": gather_at_cells(theta_t, *args[:3]),  # [n, 169]
+        }
+        # theta for the next frame's warp: controller on the (unfused) maps, as theta_k in
+        # training, so warping sees the same kind of kernels at test time.
+        kernels = theta_t if graph.edge_index.shape[1] == 0 else self.controller(f_t)
+        new_state = {"feats": f_t, "kernels": kernels if self.kernel_warp is not None else None}
+        return outputs, new_state
+
+    @staticmethod
+    def _with_memory_kernels(
+        kernels: Sequence[Tensor], references: dict[str, Tensor] | None
+    ) -> list[Tensor]:
+        """Write memory entries' stored kernels into theta_{t-1} at their last centre cells."""
+        kernels = list(kernels)
+        if references is None or references.get("memory_kernels") is None:
+            return kernels
+        mk = references["memory_kernels"]
+        if not len(mk):
+            return kernels
+        levels, cells = references["memory_levels"].long(), references["memory_cells"].long()
+        for lvl in levels.unique().tolist():
+            sel = levels == lvl
+            k = kernels[lvl].clone()  # [1, 169, H_l, W_l]
+            hl, wl = k.shape[-2:]
+            ys, xs = cells[sel, 0].clamp(0, hl - 1), cells[sel, 1].clamp(0, wl - 1)
+            k[0, :, ys, xs] = mk[sel].to(k).t()  # [169, k]
+            kernels[lvl] = k
+        return kernels

@@ -1,0 +1,261 @@
+"""The composed VisSTG network and its criterion: training pairs, empty frames, inference steps,
+the Hydra configs (default small model, the paper's +experiment=r50)."""
+
+import math
+
+import hydra
+import pytest
+import torch
+
+from visstg.config import compose
+from visstg.model import VisSTG, VisSTGCriterion
+from visstg.model.backbone import ResNetFPN
+from visstg.model.criterion import LOSS_KEYS
+from visstg.model.detection import CenterNetHead
+from visstg.model.gnn import SpatialTemporalGNN
+from visstg.model.graph import GraphBuilder
+from visstg.model.propagation import KernelWarp
+from visstg.model.segmentation import Controller, MaskBranch
+from visstg.model.tracking import EdgeClassifier
+
+H, W, D, C = 64, 96, 16, 3
+SMALL_RANGES = [(0, 32), (32, 64), (64, 128), (128, 256), (256, math.inf)]
+
+
+def tiny_net(propagation=True, iterations=2, **kwargs):
+    torch.manual_seed(0)
+    return VisSTG(
+        C,
+        backbone=ResNetFPN(18, D, norm="bn", trainable_layers=5),
+        graph=GraphBuilder(D, hidden=8),
+        gnn=SpatialTemporalGNN(D, iterations, hidden=D),
+        det_head=CenterNetHead(C, D, D),
+        controller=Controller(D, 169, D),
+        mask_branch=MaskBranch(D, D, num_convs=2),
+        kernel_warp=KernelWarp(D, 169, D) if propagation else None,
+        edge_classifier=EdgeClassifier(D, D),
+        dim=D,
+        size_ranges=SMALL_RANGES,
+        propagation=propagation,
+        **kwargs,
+    )
+
+
+def frame(shift, instances=True):
+    """A frame with a disc (class 0, track 7) and a rectangle (class 1, track 9)."""
+    img = torch.full((3, H, W), -0.5)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    masks = torch.zeros(2, H, W, dtype=torch.bool)
+    masks[0] = (xx - (22 + shift)) ** 2 + (yy - 22) ** 2 <= 12**2
+    masks[1, 20 + shift : 50 + shift, 50:80] = True
+    img[0][masks[0]], img[1][masks[1]] = 1.5, 1.5
+    boxes = torch.tensor([[10.0 + shift, 10, 35 + shift, 35], [50, 20.0 + shift, 80, 50 + shift]])
+    target = {
+        "boxes": boxes,
+        "labels": torch.tensor([0, 1]),
+        "track_ids": torch.tensor([7, 9]),
+        "masks": masks,
+    }
+    if not instances:
+        target = {
+            "boxes": torch.zeros(0, 4),
+            "labels": torch.zeros(0, dtype=torch.long),
+            "track_ids": torch.zeros(0, dtype=torch.long),
+            "masks": torch.zeros(0, H, W, dtype=torch.bool),
+        }
+    return img, target
+
+
+def pair_batch(ref_instances=True, tgt_instances=True):
+    i0, t0 = frame(0, ref_instances)
+    i1, t1 = frame(4, tgt_instances)
+    return {
+        "ref_images": i0[None],
+        "tgt_images": i1[None],
+        "ref_targets": [t0],
+        "tgt_targets": [t1],
+        "image_sizes": torch.tensor([[H, W]]),
+        "video_ids": [1],
+        "frame_indices": torch.tensor([[0, 2]]),
+    }
+
+
+def test_forward_train_outputs():
+    net, batch = tiny_net(), pair_batch()
+    out = net.forward_train(batch)
+    assert [h.shape for h in out["det"]["heatmap"]] == [
+        (1, C, math.ceil(H / s), math.ceil(W / s)) for s in net.strides
+    ]
+    assert out["mask_logits"].shape == out["mask_warp_logits"].shape == (2, H // 4, W // 4)
+    assert out["ref_mask_logits"].shape == (2, H // 4, W // 4)
+    graph = out["graph"]
+    assert graph.x_ref.shape == (2 * 5, D)
+    assert out["edge_logits"].shape == (graph.edge_index.shape[1],)
+    assert len(out["tgt_assignment"]) == 2 and len(out["ref_assignment"]) == 2
+    losses = VisSTGCriterion()(out, batch)
+    assert set(LOSS_KEYS) | {"loss"} == set(losses)
+
+
+def test_overfitting_one_pair_reduces_every_loss():
+    net, batch = tiny_net(), pair_batch()
+    criterion = VisSTGCriterion()
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=1e-3)
+    history = []
+    for _ in range(30):
+        losses = criterion(net.forward_train(batch), batch)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        history.append({k: v.item() for k, v in losses.items()})
+    for key in LOSS_KEYS + ("loss",):
+        first, last = history[0][key], history[-1][key]
+        assert math.isfinite(last) and last < first, (key, first, last)
+
+
+@pytest.mark.parametrize(
+    "ref_instances, tgt_instances", [(False, False), (True, False), (False, True)]
+)
+def test_empty_frames_give_finite_connected_losses(ref_instances, tgt_instances):
+    net, batch = tiny_net(), pair_batch(ref_instances, tgt_instances)
+    losses = VisSTGCriterion()(net.forward_train(batch), batch)
+    for key, value in losses.items():
+        assert torch.isfinite(value), key
+        assert value.requires_grad, key
+    losses["loss"].backward()
+    # Every head still receives a (possibly zero) gradient: no unused parameter under DDP.
+    for module in (
+        net.det_head,
+        net.controller,
+        net.mask_branch,
+        net.kernel_warp,
+        net.edge_classifier,
+    ):
+        assert all(p.grad is not None for p in module.parameters()), type(module).__name__
+
+
+def test_propagation_off_and_unimplemented_variants():
+    net, batch = tiny_net(propagation=False), pair_batch()
+    assert net.kernel_warp is None
+    out = net.forward_train(batch)
+    assert out["mask_warp_logits"] is None
+    losses = VisSTGCriterion()(out, batch)
+    assert losses["loss_mask_warp"].item() == 0.0
+    with pytest.raises(NotImplementedError, match="concat"):
+        tiny_net(fusion="concat")
+    with pytest.raises(NotImplementedError, match="embedding"):
+        tiny_net(association="embedding")
+    with pytest.raises(ValueError, match="fusion"):
+        tiny_net(fusion="attention")
+
+
+def test_inference_first_and_second_frame():
+    net = tiny_net(score_thresh=0.0, topk=10).eval()
+    i0, _ = frame(0)
+    i1, _ = frame(4)
+    out0, state0 = net.inference_step(i0[None])
+    n0 = out0["scores"].numel()
+    assert n0 > 0
+    assert out0["boxes"].shape == (n0, 4) and out0["cells"].shape == (n0, 2)
+    assert out0["masks"].shape == (n0, H // net.mask_stride, W // net.mask_stride)
+    assert out0["edge_scores"].shape == (0, n0)
+    assert out0["node_features"].shape == (n0, 5, D)
+    assert out0["kernels"].shape == (n0, 169)
+    assert [f.shape[1] for f in state0["feats"]] == [D] * 5
+    assert [k.shape[1] for k in state0["kernels"]] == [169] * 5
+
+    refs = {
+        "boxes": out0["boxes"][:2],
+        "labels": out0["labels"][:2],
+        "memory_nodes": out0["node_features"][2:3],
+        "memory_centers": torch.tensor([[40.0, 30.0]]),
+        "memory_labels": out0["labels"][2:3],
+        "memory_kernels": out0["kernels"][2:3],
+        "memory_levels": out0["levels"][2:3],
+        "memory_cells": out0["cells"][2:3],
+    }
+    out1, state1 = net.inference_step(i1[None], state0, refs, image_size=(H, W))
+    n1 = out1["scores"].numel()
+    assert out1["edge_scores"].shape == (3, n1)
+    assert ((out1["edge_scores"] >= 0) & (out1["edge_scores"] <= 1)).all()
+    # A reference only scores detections of its own class.
+    other = out1["labels"][None, :] != torch.cat([refs["labels"], refs["memory_labels"]])[:, None]
+    assert (out1["edge_scores"][other] == 0).all()
+    assert out1["masks"].shape == (n1, H // 4, W // 4)
+    # The carried state has a fixed size.
+    assert [f.shape for f in state1["feats"]] == [f.shape for f in state0["feats"]]
+    assert [k.shape for k in state1["kernels"]] == [k.shape for k in state0["kernels"]]
+
+
+def test_no_reference_is_the_plain_branch():
+    """With a previous frame but no reference node, detections equal the first-frame path."""
+    net = tiny_net(score_thresh=0.0, topk=10).eval()
+    i0, _ = frame(0)
+    i1, _ = frame(4)
+    _, state0 = net.inference_step(i0[None])
+    plain, _ = net.inference_step(i1[None])
+    with_state, _ = net.inference_step(i1[None], state0, None)
+    for key in ("boxes", "scores", "labels", "kernels", "node_features"):
+        assert torch.allclose(plain[key], with_state[key]), key
+
+
+def test_default_config_builds_the_small_model_and_trains_a_step():
+    cfg = compose("train", ["model.gnn.iterations=2"])
+    net = hydra.utils.instantiate(cfg.model)
+    criterion = hydra.utils.instantiate(cfg.criterion)
+    assert isinstance(net, VisSTG) and len(net.gnn.layers) == 2
+    assert net.backbone.depth == 18 and net.num_classes == cfg.data.num_classes
+    assert net.size_ranges[-1] == (256.0, math.inf)
+    batch = pair_batch()
+    for t in batch["ref_targets"] + batch["tgt_targets"]:
+        t["labels"] = t["labels"] % net.num_classes
+    losses = criterion(net.forward_train(batch), batch)
+    losses["loss"].backward()
+    assert torch.isfinite(losses["loss"])
+
+
+def r50_config():
+    # Offline: no ImageNet download here, the shapes are what matter.
+    return compose("train", ["+experiment=r50", "model.backbone.weights=null"])
+
+
+def test_r50_experiment_is_the_paper_model():
+    cfg = r50_config()
+    assert cfg.model.backbone.weights is None
+    net = hydra.utils.instantiate(cfg.model)
+    assert net.backbone.depth == 50 and net.backbone.out_channels == 256
+    assert net.num_classes == 40 and net.det_head.num_classes == 40
+    assert net.size_ranges == ((0, 64), (64, 128), (128, 256), (256, 512), (512, math.inf))
+    assert len(net.gnn.layers) == 3 and net.graph.windows == (9, 7, 5, 3, 3)
+    assert cfg.data.batch_size == 16 and cfg.trainer.max_epochs == 24
+    assert list(cfg.scheduler.milestones) == [16, 22] and cfg.optimizer.lr == 0.01
+    assert compose("train", ["+experiment=r50"]).model.backbone.weights == "imagenet"
+
+
+def test_r50_forward_backward_on_a_360x640_pair():
+    cfg = r50_config()
+    net = hydra.utils.instantiate(cfg.model)
+    criterion = hydra.utils.instantiate(cfg.criterion)
+    h, w = 360, 640
+    boxes = torch.tensor([[10.0, 10, 100, 120], [300, 100, 600, 350]])
+    masks = torch.zeros(2, h, w, dtype=torch.bool)
+    masks[0, 10:120, 10:100] = True
+    masks[1, 100:350, 300:600] = True
+    target = {
+        "boxes": boxes,
+        "labels": torch.tensor([3, 17]),
+        "track_ids": torch.tensor([1, 2]),
+        "masks": masks,
+    }
+    batch = {
+        "ref_images": torch.randn(1, 3, h, w),
+        "tgt_images": torch.randn(1, 3, h, w),
+        "ref_targets": [target],
+        "tgt_targets": [target],
+        "image_sizes": torch.tensor([[h, w]]),
+    }
+    out = net.forward_train(batch)
+    assert out["mask_logits"].shape == (2, h // 4, w // 4)
+    losses = criterion(out, batch)
+    losses["loss"].backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert net.edge_classifier.mlp[0].weight.grad is not None
