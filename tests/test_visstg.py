@@ -124,6 +124,8 @@ def test_empty_frames_give_finite_connected_losses(ref_instances, tgt_instances)
     losses["loss"].backward()
     # Every head still receives a (possibly zero) gradient: no unused parameter under DDP.
     for module in (
+        net.graph,
+        net.gnn,
         net.det_head,
         net.controller,
         net.mask_branch,

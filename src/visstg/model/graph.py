@@ -12,7 +12,9 @@ Edges are bipartite and undirected (stored once, reference -> pixel): reference 
 
     centre cell = (floor(cy / stride_l), floor(cx / stride_l)),  (cx, cy) = box centre in pixels
 
-(the same convention as the CenterNet target cell). Window cells outside the feature map are
+(the CenterNet target cell of ``visstg.model.detection`` is the same cell, except that it is clamped
+into the map; the two differ only for a centre on the far border of the padded image, where this
+window still reaches the clamped cell whenever w_l >= 3). Window cells outside the feature map are
 dropped, never clamped, and cells are indexed in 2-D so a window never wraps onto the next row.
 Edge features start as ``|h_ref - h_pix|``.
 
