@@ -47,7 +47,7 @@ def test_fast_dev_run_logs_every_loss():
         assert torch.isfinite(logged[f"train/{key}"])
 
 
-def test_checkpoint_holds_the_resolved_config(tmp_path):
+def test_checkpoint_holds_the_resolved_config_and_resumes(tmp_path):
     config = {"model": {"dim": 16}, "data": {"num_classes": 3}}
     model = module(config=config)
     trainer = pl.Trainer(
@@ -61,6 +61,13 @@ def test_checkpoint_holds_the_resolved_config(tmp_path):
     assert ckpt["visstg_config"] == config
     assert ckpt["hyper_parameters"]["config"] == config
     assert any(k.startswith("net.gnn.layers.0") for k in ckpt["state_dict"])
+    # Resuming goes through torch.load(weights_only=True): no pickled objects in the checkpoint.
+    resumed = pl.Trainer(
+        max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+    )  # fmt: skip
+    resumed.fit(module(config=config), train_dataloaders=loader(2), ckpt_path=path)
+    assert resumed.global_step == 2
 
 
 def test_scaled_sgd_applies_the_linear_rule():

@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from visstg.model.criterion import LOSS_KEYS
+from visstg.tracker import TrackerConfig
+from visstg.validation import LOGGED_KEYS, VideoValidator
 
 
 def scaled_sgd(
@@ -80,6 +82,14 @@ class VisSTGModule(pl.LightningModule):
         scheduler_interval: ``"step"`` or ``"epoch"`` (how Lightning steps the scheduler).
         config: the resolved run config (a plain dict); saved in the checkpoint's hyper-parameters
             and as ``checkpoint["visstg_config"]`` so a checkpoint rebuilds its model alone.
+        tracker: thresholds of the online tracker used in validation (``TrackerConfig`` fields).
+        val_hota: also compute HOTA/DetA/AssA at each validation.
+        categories: the training data's categories ``[{"id", "name"}]`` in label order, stored in
+            the checkpoint (``visstg_categories``) so predictions map back to original ids.
+
+    Validation tracks every validation video online (one :class:`VideoSample` per step) and
+    computes the YouTube-VIS metric once per epoch on the union of all ranks' videos, logging
+    ``val/AP``, ``val/AP50``, ``val/AP75``, ``val/AR1``, ``val/AR10`` and ``val/HOTA``.
 
     Logged: ``train/loss`` and every ``train/loss_*`` component, with ``batch_size`` set (the
     number of pairs; Lightning cannot infer it from the batch dict's lists and graph).
@@ -93,16 +103,25 @@ class VisSTGModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "step",
         config: dict[str, Any] | None = None,
+        tracker: dict[str, Any] | None = None,
+        val_hota: bool = True,
+        categories: list[dict] | None = None,
     ) -> None:
         super().__init__()
         if scheduler_interval not in ("step", "epoch"):
             raise ValueError(
                 f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
             )
-        # net/criterion are modules (saved in the state dict); the rest are hyper-parameters.
-        self.save_hyperparameters(ignore=["net", "criterion"], logger=False)
+        # Only primitives go into the checkpoint's hyper-parameters: modules live in the state
+        # dict, and pickled partials would make `torch.load(weights_only=True)` (the default
+        # since torch 2.6, used by Lightning when resuming) refuse the checkpoint.
+        self.save_hyperparameters(
+            ignore=["net", "criterion", "optimizer", "scheduler"], logger=False
+        )
         self.net = net
         self.criterion = criterion
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
         self.config = config
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -121,16 +140,27 @@ class VisSTGModule(pl.LightningModule):
                 self.log(f"train/{key}", losses[key], batch_size=batch_size)
         return losses["loss"]
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """No-op for now: validation is whole-video tracking + the YouTube-VIS metric, driven by
-        the tracker (a later issue), which will log ``val/AP``. Kept as a hook so a validation
-        dataloader can be attached without error."""
-        return None
+    def on_validation_epoch_start(self) -> None:
+        self.validator.reset()
+
+    def validation_step(self, video: Any, batch_idx: int) -> None:
+        """Track one whole validation video (a ``VideoSample``) online."""
+        self.validator.add_video(self.net, video, with_overlay=batch_idx == 0)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.validator.compute()  # identical on every rank (gathered first)
+        for key in LOGGED_KEYS:
+            if key in metrics:
+                self.log(f"val/{key}", float(metrics[key]), prog_bar=key == "AP", batch_size=1)
+        overlays = self.validator.overlays
+        logger = self.logger
+        if overlays and logger is not None and hasattr(logger, "log_image") and self.global_rank == 0:
+            logger.log_image(key="val/overlay", images=list(overlays), step=self.global_step)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.net.parameters() if p.requires_grad]
-        optimizer = self.hparams.optimizer(params)
-        if self.hparams.scheduler is None:
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
             return optimizer
         if self.hparams.scheduler_interval == "step":
             total = self.trainer.estimated_stepping_batches
@@ -140,7 +170,7 @@ class VisSTGModule(pl.LightningModule):
             raise ValueError(
                 "the LR schedule needs a finite run length: set trainer.max_epochs or max_steps"
             )
-        scheduler = self.hparams.scheduler(optimizer, total_steps=int(total))
+        scheduler = self.scheduler_factory(optimizer, total_steps=int(total))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval},
@@ -148,6 +178,8 @@ class VisSTGModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["visstg_config"] = self.config
+        checkpoint["visstg_categories"] = self.categories
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.config = checkpoint.get("visstg_config", self.config)
+        self.categories = checkpoint.get("visstg_categories", self.categories)
