@@ -188,6 +188,21 @@ def test_inference_first_and_second_frame():
     assert [k.shape for k in state1["kernels"]] == [k.shape for k in state0["kernels"]]
 
 
+def test_memory_kernels_are_written_into_the_previous_kernel_maps():
+    kernels = [torch.zeros(1, 169, 8, 12), torch.zeros(1, 169, 4, 6)]
+    refs = {
+        "memory_kernels": torch.arange(3 * 169.0).view(3, 169),
+        "memory_levels": torch.tensor([0, 1, 0]),
+        "memory_cells": torch.tensor([[2, 5], [3, 1], [7, 11]]),
+    }
+    out = VisSTG._with_memory_kernels(kernels, refs)
+    assert torch.equal(out[0][0, :, 2, 5], refs["memory_kernels"][0])
+    assert torch.equal(out[1][0, :, 3, 1], refs["memory_kernels"][1])
+    assert torch.equal(out[0][0, :, 7, 11], refs["memory_kernels"][2])
+    assert out[0].abs().sum() == refs["memory_kernels"][[0, 2]].abs().sum()
+    assert kernels[0].abs().sum() == 0  # the carried state is not modified in place
+
+
 def test_no_reference_is_the_plain_branch():
     """With a previous frame but no reference node, detections equal the first-frame path."""
     net = tiny_net(score_thresh=0.0, topk=10).eval()

@@ -379,6 +379,6 @@ class VisSTG(nn.Module):
             k = kernels[lvl].clone()  # [1, 169, H_l, W_l]
             hl, wl = k.shape[-2:]
             ys, xs = cells[sel, 0].clamp(0, hl - 1), cells[sel, 1].clamp(0, wl - 1)
-            k[0, :, ys, xs] = mk[sel].to(k).t()  # [169, k]
+            k[0][:, ys, xs] = mk[sel].to(k).t()  # [169, n] <- [n, 169]
             kernels[lvl] = k
         return kernels
