@@ -14,7 +14,7 @@ from visstg.model import VisSTGCriterion
 from visstg.model.criterion import LOSS_KEYS
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_visstg import pair_batch, tiny_net  # noqa: E402
+from test_visstg import _one_thread, pair_batch, tiny_net  # noqa: E402, F401
 
 
 def loader(n=2):
@@ -93,7 +93,3 @@ def test_warmup_then_steps_at_16_and_22_of_24_epochs():
     assert lrs[100] == pytest.approx(1.0) and lrs[1599] == pytest.approx(1.0)
     assert lrs[1600] == pytest.approx(0.1) and lrs[2199] == pytest.approx(0.1)
     assert lrs[2200] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.01)
-
-
-def test_validation_step_is_a_no_op():
-    assert module().validation_step(pair_batch(), 0) is None

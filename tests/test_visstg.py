@@ -22,6 +22,16 @@ H, W, D, C = 64, 96, 16, 3
 SMALL_RANGES = [(0, 32), (32, 64), (64, 128), (128, 256), (256, math.inf)]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these small models gain little from two, and two threads on a shared
+    2-core machine slow down by an order of magnitude whenever another process is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_net(propagation=True, iterations=2, **kwargs):
     torch.manual_seed(0)
     return VisSTG(
