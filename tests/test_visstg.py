@@ -286,3 +286,32 @@ def test_r50_forward_backward_on_a_360x640_pair():
     losses["loss"].backward()
     assert all(torch.isfinite(v) for v in losses.values())
     assert net.edge_classifier.mlp[0].weight.grad is not None
+
+
+@pytest.mark.slow
+def test_overfitted_pair_detects_and_associates_online():
+    """After overfitting one pair, the online step finds both objects on each frame and the edge
+    scores link every reference track to its own detection (detection + tracking end to end)."""
+    from torchvision.ops import box_iou
+
+    net, batch = tiny_net(), pair_batch()
+    criterion = VisSTGCriterion()
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=2e-3)
+    for _ in range(80):
+        losses = criterion(net.forward_train(batch), batch)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    net.eval()
+    (i0, t0), (i1, t1) = frame(0), frame(4)
+    out0, state = net.inference_step(i0[None])
+    out1, _ = net.inference_step(i1[None], state, {"boxes": t0["boxes"], "labels": t0["labels"]})
+    for out, target in ((out0, t0), (out1, t1)):
+        iou = box_iou(out["boxes"][:2], target["boxes"])  # [2 detections, 2 objects]
+        best = iou.argmax(1)
+        assert sorted(best.tolist()) == [0, 1] and (iou.max(1).values > 0.5).all()
+        assert torch.equal(out["labels"][:2], target["labels"][best])
+    best = box_iou(out1["boxes"][:2], t1["boxes"]).argmax(1)  # detection -> object
+    scores = out1["edge_scores"][:, :2]  # [2 reference tracks, 2 detections]
+    for d, obj in enumerate(best.tolist()):
+        assert scores[obj, d] > 0.5 and scores[1 - obj, d] < 0.5
