@@ -6,20 +6,24 @@ The results format (one entry per predicted track, the official servers' format)
       "segmentations": [{"size": [H, W], "counts": "<compressed RLE>"}, null, ...]}, ...]
 
 ``segmentations`` has one entry per frame of the video, ``null`` where the track is absent;
-``category_id`` is the dataset's original (1-based) id. Everything here is numpy and
-pycocotools only: scoring a results file never needs torch.
+``category_id`` is the dataset's original (1-based) id. Everything here is numpy, pycocotools
+and orjson (the JSON parser: a 264 MB results file in under a second) only: scoring a results
+file never needs torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
 from pycocotools import mask as mask_utils
 
 log = logging.getLogger(__name__)
@@ -34,19 +38,38 @@ class EvalInputError(ValueError):
 # --------------------------------------------------------------------------- reading
 
 
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector (restored on exit, nesting is fine).
+
+    Parsing a results file creates millions of dicts and lists; each time the collector runs it
+    walks all of them again (with it on, parsing the 264 MB benchmark file takes 2.5 s instead
+    of 0.8 s). JSON data holds no reference cycles, so nothing is lost by pausing it.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _read_json(path: PathLike, what: str) -> Any:
     path = Path(path)
     if not path.is_file():
         raise EvalInputError(f"{what} file {path} does not exist")
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):  # tolerate a UTF-8 byte order mark (orjson rejects it)
+        raw = raw[3:]
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
+        with paused_gc():
+            return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:  # also invalid UTF-8
         raise EvalInputError(
-            f"{what} file {path} is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}"
+            f"{what} file {path} is not valid JSON: {e.msg} at line {e.lineno}, "
+            f"column {e.colno} (byte {e.pos})"
         ) from None
-    except UnicodeDecodeError as e:
-        raise EvalInputError(f"{what} file {path} is not UTF-8 text JSON: {e}") from None
 
 
 def _to_compressed(seg: Any, h: int, w: int, where: str) -> dict | None:
