@@ -29,17 +29,11 @@ def evaluate_files(
     gt: str, results: str, output: str | None = None, with_hota: bool = True
 ) -> dict:
     """Score ``results`` against ``gt``, print the table, write ``output``; returns the metrics."""
-    from visstg.eval.results import load_gt, load_results
     from visstg.eval.table import format_table
     from visstg.eval.ytvis_eval import evaluate
 
-    gt_data = load_gt(gt)
-    res = load_results(results, gt_data)
-    metrics = evaluate(gt_data, res)
-    if with_hota:
-        from visstg.eval.hota import hota
-
-        metrics.update(hota(gt_data, res))
+    # One load and one set of per-frame intersections for both AP and HOTA.
+    metrics = evaluate(gt, results, with_hota=with_hota)
     print(format_table(metrics))
     if output:
         out = Path(output)

@@ -22,12 +22,20 @@ def hota(gt, results):
     return _hota(gt, results)
 
 
+def hota_reference(gt, results):
+    """The same through trackeval's YouTubeVIS dataset class; see :mod:`visstg.eval.hota`."""
+    from visstg.eval.hota import hota_reference as _hota_reference
+
+    return _hota_reference(gt, results)
+
+
 __all__ = [
     "STAT_KEYS",
     "EvalInputError",
     "evaluate",
     "format_table",
     "hota",
+    "hota_reference",
     "load_gt",
     "load_results",
     "make_submission_zip",

@@ -4,11 +4,13 @@ The official evaluator (youtubevos/cocoapi ``ytvoseval.py``) scores a (detection
 ground-truth track) pair by *video IoU*: the sum over frames of mask intersections divided by
 the sum over frames of unions, over the frames both tracks' lists cover (a frame where only one
 side has a mask adds its area to the union). It computes that with two RLE merges per frame per
-pair. Here each frame is scored once for all pairs of a (video, category) with one
-``pycocotools.mask.iou`` call; intersections are recovered exactly as integers, so the sums and
-the final division are the same float64 numbers as the official code's. The greedy matching,
-accumulation and summary follow the official conventions (stable sorts, ``np.linspace``
-thresholds, closed area ranges, maxDets per (video, category), -1 for nothing valid).
+pair. Here the per-frame intersections of a (video, category) come from
+:mod:`visstg.eval.overlap` (one ``pycocotools.mask.iou`` call per frame for all pairs); they are
+exact integers, so the sums and the final division are the same float64 numbers as the official
+code's. The same intersections feed HOTA (:mod:`visstg.eval.hota`) when it is asked for. The
+greedy matching, accumulation and summary follow the official conventions (stable sorts,
+``np.linspace`` thresholds, closed area ranges, maxDets per (video, category), -1 for nothing
+valid).
 
 Public entry point: :func:`evaluate`.
 """
@@ -23,7 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from visstg.eval.results import EvalInputError, PathLike, load_gt, load_results
+from visstg.eval.overlap import Overlaps, frame_intersections
+from visstg.eval.results import EvalInputError, PathLike, load_gt, load_results, paused_gc
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +62,30 @@ class Track:
     avg_area: float
     iscrowd: int = 0
     occlusion: float | None = None
+    present: np.ndarray | None = None  # [len(segs)] bool: a mask (maybe empty) in that frame
+    is_det: bool = False
 
 
 @dataclass
 class Prepared:
-    """Ground truth and results grouped by (video_id, category_id), as the official code does."""
+    """Ground truth and results grouped by (video_id, category_id), as the official code does.
+
+    Tracks keep file order within a group; ``by_video`` lists every track of a video. With
+    ``share_overlaps`` all of a group's detections are scored (not only the 100 best) and
+    ``overlaps`` keeps their per-frame intersections (:func:`group_overlaps`) for HOTA.
+    """
 
     vid_ids: list
     cat_ids: list
     cat_names: dict
+    videos: list = field(default_factory=list)  # the ground truth's video entries
+    categories: list = field(default_factory=list)  # and its category entries
     gts: dict = field(default_factory=lambda: defaultdict(list))
     dts: dict = field(default_factory=lambda: defaultdict(list))
     has_occlusion: bool = False
+    share_overlaps: bool = False
+    overlaps: dict = field(default_factory=dict)
+    by_video: dict = field(default_factory=lambda: defaultdict(list))
 
 
 def _nonzero_mean(values) -> float:
@@ -96,7 +111,10 @@ def _occlusion_value(ann: Mapping) -> float | None:
 
 
 def prepare(gt: PathLike | Mapping, results: PathLike | Sequence) -> Prepared:
-    """Load, check and group ground truth and results (see :mod:`visstg.eval.results`)."""
+    """Load, check and group ground truth and results (see :mod:`visstg.eval.results`).
+
+    Mask areas are filled later, per video (:func:`score_video`).
+    """
     gt = load_gt(gt)
     dts = load_results(results, gt)
     cats = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
@@ -104,6 +122,8 @@ def prepare(gt: PathLike | Mapping, results: PathLike | Sequence) -> Prepared:
         vid_ids=sorted({v["id"] for v in gt["videos"]}),
         cat_ids=sorted(cats),
         cat_names=cats,
+        videos=gt["videos"],
+        categories=gt["categories"],
     )
     vids, catset = set(p.vid_ids), set(p.cat_ids)
     for ann in gt["annotations"]:
@@ -116,7 +136,7 @@ def prepare(gt: PathLike | Mapping, results: PathLike | Sequence) -> Prepared:
                 id=ann["id"],
                 score=0.0,
                 segs=ann["segmentations"],
-                mask_areas=None,  # filled per video below
+                mask_areas=None,  # filled per video by _fill_areas
                 avg_area=_nonzero_mean(ann["areas"]),
                 iscrowd=int(ann["iscrowd"]),
                 occlusion=occ,
@@ -129,13 +149,21 @@ def prepare(gt: PathLike | Mapping, results: PathLike | Sequence) -> Prepared:
             continue
         # Result ids are 1-based positions in the file, as the official loader assigns them.
         p.dts[r["video_id"], r["category_id"]].append(
-            Track(id=i + 1, score=r["score"], segs=r["segmentations"], mask_areas=None, avg_area=0)
+            Track(
+                id=i + 1,
+                score=r["score"],
+                segs=r["segmentations"],
+                mask_areas=None,
+                avg_area=0,
+                is_det=True,
+            )
         )
     if dropped:
         log.warning(
             "%d result(s) have a category_id absent from the ground truth: ignored", dropped
         )
-    _fill_areas(p)
+    for key, tracks in list(p.gts.items()) + list(p.dts.items()):
+        p.by_video[key[0]].extend(tracks)
     return p
 
 
@@ -146,41 +174,60 @@ def mask_areas(rles: Sequence[dict]) -> np.ndarray:
     return np.concatenate(blocks).astype(np.uint32) if blocks else np.zeros(0, np.uint32)
 
 
-def _fill_areas(p: Prepared) -> None:
-    """Pixel areas of every mask, one pycocotools call per video; detection track areas."""
-    by_video = defaultdict(list)
-    for (vid, _), tracks in list(p.gts.items()) + list(p.dts.items()):
-        by_video[vid].extend(tracks)
-    for tracks in by_video.values():
-        rles = [s for t in tracks for s in t.segs if s]
-        areas = mask_areas(rles)
-        k = 0
-        for t in tracks:
-            present = np.fromiter((bool(s) for s in t.segs), bool, len(t.segs))
-            n = int(present.sum())
-            a32 = areas[k : k + n]  # uint32, as pycocotools returns them
-            k += n
-            full = np.zeros(len(t.segs), np.int64)
-            full[present] = a32
-            t.mask_areas = full
-    for tracks in p.dts.values():
-        for t in tracks:
-            present = np.fromiter((bool(s) for s in t.segs), bool, len(t.segs))
-            a32 = t.mask_areas[present].astype(np.uint32)
-            nz = a32[a32 != 0]
-            # Same dtype (uint32) and values as the official np.array(list).mean().
-            t.avg_area = nz.mean() if len(nz) else 0
+def _fill_areas(p: Prepared, vid) -> None:
+    """Pixel areas of every mask of a video (pycocotools calls of 255 masks); track areas."""
+    tracks = p.by_video.get(vid, [])
+    flat = [s for t in tracks for s in t.segs]
+    present = np.array([s is not None for s in flat], bool)  # [N]
+    rles = [s for s in flat if s is not None]
+    areas = np.zeros(len(flat), np.int64)
+    areas[present] = mask_areas(rles)  # uint32 values, as pycocotools returns them
+    lens = np.array([len(t.segs) for t in tracks], np.int64)
+    ends = np.cumsum(lens).tolist()
+    for t, e, n in zip(tracks, ends, lens.tolist()):
+        t.mask_areas, t.present = areas[e - n : e], present[e - n : e]  # views
+    # A detection's track area: the mean of its nonzero mask areas, as the official
+    # np.array(areas).mean() of uint32 values; integer sums are exact, so the same float.
+    owner = np.repeat(np.arange(len(tracks)), lens)
+    nz = areas != 0
+    total = np.bincount(owner[nz], areas[nz], minlength=len(tracks)).tolist()
+    count = np.bincount(owner[nz], minlength=len(tracks)).tolist()
+    for t, s_, c in zip(tracks, total, count):
+        if t.is_det:  # ground truth keeps the mean of its ``areas`` field
+            t.avg_area = s_ / c if c else 0
 
 
-def video_ious(dts: Sequence[Track], gts: Sequence[Track]) -> np.ndarray:
+def group_overlaps(p: Prepared, vid, cat) -> Overlaps:
+    """Per-frame intersections of all detections (file order) and ground truth of a group."""
+    key = (vid, cat)
+    if key not in p.overlaps:
+        p.overlaps[key] = frame_intersections(p.dts.get(key, []), p.gts.get(key, []))
+    return p.overlaps[key]
+
+
+def video_ious(
+    dts: Sequence[Track],
+    gts: Sequence[Track],
+    overlaps: Overlaps | None = None,
+    det_rank: np.ndarray | None = None,
+) -> np.ndarray:
     """Video IoU of every (detection, ground truth) pair: [D, G] float64.
 
     Frames beyond the shorter of the two lists are not counted (the official code zips the
     two lists). I and U are integer sums, so I / U is bit-identical to the official value.
+
+    Args:
+        dts, gts: the tracks to score (rows, columns).
+        overlaps: their per-frame intersections (computed here when None), or those of a
+            larger detection list that ``det_rank`` maps onto ``dts``.
+        det_rank: [len(larger list)] row of each detection of ``overlaps`` in ``dts``, -1 for
+            detections left out.
     """
     D, G = len(dts), len(gts)
     if D == 0 or G == 0:
         return np.zeros((D, G))
+    if overlaps is None:
+        overlaps = frame_intersections(dts, gts)
     len_d = np.array([len(t.segs) for t in dts])
     len_g = np.array([len(t.segs) for t in gts])
     L = np.minimum(len_d[:, None], len_g[None, :])  # [D, G] frames counted per pair
@@ -197,24 +244,12 @@ def video_ious(dts: Sequence[Track], gts: Sequence[Track]) -> np.ndarray:
         np.take_along_axis(cum_areas(dts), L, axis=1)
         + np.take_along_axis(cum_areas(gts), L.T, axis=1).T
     )  # [D, G] sum of both areas over the counted frames
+    d = overlaps.det if det_rank is None else det_rank[overlaps.det]
+    keep = d >= 0
+    d, g, f, i = d[keep], overlaps.gt[keep], overlaps.frame[keep], overlaps.inter[keep]
+    keep = f < L[d, g]
     inter = np.zeros((D, G), np.int64)
-    for f in range(F):
-        di = [i for i, t in enumerate(dts) if f < len(t.segs) and t.segs[f]]
-        gi = [j for j, t in enumerate(gts) if f < len(t.segs) and t.segs[f]]
-        if not di or not gi:
-            continue
-        d_rles = [dts[i].segs[f] for i in di]
-        g_rles = [gts[j].segs[f] for j in gi]
-        # With iscrowd=1 pycocotools returns I / area(dt); I is an integer below 2^32, so
-        # multiplying back and rounding recovers it exactly.
-        ioa = np.asarray(mask_utils.iou(d_rles, g_rles, [1] * len(gi)))  # [d, g]
-        if (ioa < 0).any():
-            raise EvalInputError(f"frame {f}: detection and ground-truth mask sizes differ")
-        a_d = np.array([dts[i].mask_areas[f] for i in di], np.float64)
-        sub = np.rint(ioa * a_d[:, None]).astype(np.int64)
-        di_a, gi_a = np.array(di), np.array(gi)
-        sub *= f < L[np.ix_(di_a, gi_a)]
-        inter[np.ix_(di_a, gi_a)] += sub
+    np.add.at(inter, (d[keep], g[keep]), i[keep])
     union -= inter
     i_f, u_f = inter.astype(np.float64), union.astype(np.float64)
     return np.divide(i_f, u_f, out=np.zeros((D, G)), where=u_f > 0)
@@ -339,46 +374,79 @@ def summarize(precision: np.ndarray, recall: np.ndarray) -> dict[str, float]:
     }
 
 
-def evaluate_prepared(p: Prepared, iou_fn=video_ious) -> dict:
-    """Score prepared data; see :func:`evaluate` for the returned keys."""
-    T, R, K, M = len(IOU_THRS), len(REC_THRS), len(p.cat_ids), len(MAX_DETS)
+def _ranges(p: Prepared) -> list[tuple[str, float, float]]:
     ranges = [("area", lo, hi) for lo, hi in AREA_RNG]
     if p.has_occlusion:
         ranges += [("occ", lo, hi) for lo, hi in OCC_RNG]
-    A = len(ranges)
+    return ranges
+
+
+def score_video(p: Prepared, vid, hota_seq: tuple[str, int] | None = None):
+    """All the per-video work: mask geometry, the matchings of every (category, range), and
+    with ``hota_seq`` (sequence name, timesteps) trackeval's HOTA per class.
+
+    Returns:
+        ({category id: [VideoEval per range]} for the categories with tracks in the video,
+        {class name: trackeval HOTA result} or None).
+    """
+    _fill_areas(p, vid)
+    ranges, max_det = _ranges(p), MAX_DETS[-1]
+    evals = {}
+    for cat in p.cat_ids:
+        gts, dts = p.gts.get((vid, cat), []), p.dts.get((vid, cat), [])
+        if not gts and not dts:
+            continue
+        order = np.argsort([-t.score for t in dts], kind="mergesort")[:max_det]
+        dts_all, dts = dts, [dts[i] for i in order]
+        if p.share_overlaps:  # score all detections once, for HOTA too
+            rank = np.full(len(dts_all), -1)
+            rank[order] = np.arange(len(order))
+            ious = video_ious(dts, gts, group_overlaps(p, vid, cat), rank)
+        else:
+            ious = video_ious(dts, gts)
+        crowd = np.array([t.iscrowd for t in gts], bool)
+        g_area = np.array([t.avg_area for t in gts], np.float64)
+        d_area = np.array([t.avg_area for t in dts], np.float64)
+        scores = np.array([t.score for t in dts], np.float64)
+        g_occ = np.array([np.nan if t.occlusion is None else t.occlusion for t in gts], np.float64)
+        gt_ids = [t.id for t in gts]
+        evals[cat] = []
+        for kind, lo, hi in ranges:
+            if kind == "area":
+                g_out = (g_area < lo) | (g_area > hi)
+                d_out = (d_area < lo) | (d_area > hi)
+            else:  # detections carry no occlusion level: none is ignored by range
+                g_out = ~((g_occ >= lo) & (g_occ <= hi))
+                d_out = np.zeros(len(dts), bool)
+            evals[cat].append(match(ious, gt_ids, crowd | g_out, crowd, d_out, scores))
+    hota_res = None
+    if hota_seq is not None:
+        from visstg.eval.hota import hota_video  # lazily: trackeval pulls in scipy
+
+        hota_res = hota_video(p, vid, *hota_seq)
+    for cat in p.cat_ids:  # the video is done: free its geometry
+        p.overlaps.pop((vid, cat), None)
+    return evals, hota_res
+
+
+def evaluate_prepared(p: Prepared, with_hota: bool = False) -> dict:
+    """Score prepared data; see :func:`evaluate` for the returned keys."""
+    T, R, K, M = len(IOU_THRS), len(REC_THRS), len(p.cat_ids), len(MAX_DETS)
+    A = len(_ranges(p))
     precision = -np.ones((T, R, K, A, M))
     recall = -np.ones((T, K, A, M))
-    max_det = MAX_DETS[-1]
+    p.share_overlaps = with_hota
+    hota_seqs = {}
+    if with_hota:
+        from visstg.eval.hota import sequences
+
+        hota_seqs = {v["id"]: (seq, n) for seq, (v, n) in sequences(p.videos).items()}
+    scored = [score_video(p, v, hota_seqs.get(v)) for v in p.vid_ids]
     for k, cat in enumerate(p.cat_ids):
-        per_range = [[] for _ in ranges]
-        for vid in p.vid_ids:
-            gts, dts = p.gts.get((vid, cat), []), p.dts.get((vid, cat), [])
-            if not gts and not dts:
-                for lst in per_range:
-                    lst.append(None)
-                continue
-            order = np.argsort([-t.score for t in dts], kind="mergesort")[:max_det]
-            dts = [dts[i] for i in order]
-            ious = iou_fn(dts, gts)
-            crowd = np.array([t.iscrowd for t in gts], bool)
-            g_area = np.array([t.avg_area for t in gts], np.float64)
-            d_area = np.array([t.avg_area for t in dts], np.float64)
-            scores = np.array([t.score for t in dts], np.float64)
-            g_occ = np.array(
-                [np.nan if t.occlusion is None else t.occlusion for t in gts], np.float64
-            )
-            gt_ids = [t.id for t in gts]
-            for r, (kind, lo, hi) in enumerate(ranges):
-                if kind == "area":
-                    g_out = (g_area < lo) | (g_area > hi)
-                    d_out = (d_area < lo) | (d_area > hi)
-                else:  # detections carry no occlusion level: none is ignored by range
-                    g_out = ~((g_occ >= lo) & (g_occ <= hi))
-                    d_out = np.zeros(len(dts), bool)
-                per_range[r].append(match(ious, gt_ids, crowd | g_out, crowd, d_out, scores))
         for r in range(A):
+            per_video = [ev[cat][r] if cat in ev else None for ev, _ in scored]
             for m, md in enumerate(MAX_DETS):
-                precision[:, :, k, r, m], recall[:, k, r, m] = accumulate(per_range[r], md)
+                precision[:, :, k, r, m], recall[:, k, r, m] = accumulate(per_video, md)
     out = summarize(precision[..., :4, :], recall[..., :4, :])
     per_cat = {}
     for k, cat in enumerate(p.cat_ids):
@@ -391,29 +459,43 @@ def evaluate_prepared(p: Prepared, iou_fn=video_ious) -> dict:
             occ[f"AP_{lbl}"] = _summarize(precision, recall, a=4 + j)
             occ[f"AR_{lbl}"] = _summarize(precision, recall, a=4 + j, ap=False)
         out["occlusion"] = occ
+    if with_hota:
+        from visstg.eval.hota import combine_videos
+
+        out.update(combine_videos(p, {v: h for v, (_, h) in zip(p.vid_ids, scored)}))
     out["_precision"], out["_recall"] = precision, recall
     return out
 
 
-def evaluate(gt: PathLike | Mapping, results: PathLike | Sequence) -> dict:
+def evaluate(gt: PathLike | Mapping, results: PathLike | Sequence, with_hota: bool = False) -> dict:
     """YouTube-VIS video AP/AR of a results file (or list) against ground truth.
 
     Args:
         gt: ground-truth JSON path or loaded dict (YouTube-VIS 2019/2021 or OVIS layout).
         results: results JSON path or list in the official results format.
+        with_hota: also compute HOTA/DetA/AssA (trackeval's metric fed with the same per-frame
+            intersections; see :mod:`visstg.eval.hota`).
 
     Returns:
         dict with the 12 official statistics as floats (``STAT_KEYS``: AP ... ARl; fractions,
         -1 where the official code gives -1), ``per_category_AP`` {category name: AP or -1},
-        and, when the ground truth has OVIS ``occlusion`` labels, ``occlusion`` with
-        ``AP_light/AP_medium/AP_heavy`` and ``AR_*``.
+        when the ground truth has OVIS ``occlusion`` labels ``occlusion`` with
+        ``AP_light/AP_medium/AP_heavy`` and ``AR_*``, and with ``with_hota`` ``HOTA``,
+        ``DetA`` and ``AssA``.
     """
+    # Millions of small dicts and arrays: the cyclic garbage collector would walk them again
+    # and again for nothing (they hold no cycles); they are freed before it resumes.
+    with paused_gc():
+        return _evaluate(gt, results, with_hota)
+
+
+def _evaluate(gt, results, with_hota: bool) -> dict:
     p = prepare(gt, results)
     if not any(p.dts.values()):
         log.warning(
             "the results hold no track: every statistic that has ground truth is 0 "
             "(the official code stops with an IndexError on an empty list)"
         )
-    out = evaluate_prepared(p)
+    out = evaluate_prepared(p, with_hota)
     out.pop("_precision"), out.pop("_recall")
     return out
