@@ -16,11 +16,13 @@ from visstg.eval import (
     STAT_KEYS,
     evaluate,
     hota,
+    hota_reference,
     load_results,
     make_submission_zip,
     tracks_to_results,
     write_results,
 )
+from visstg.eval.overlap import Overlaps, frame_intersections
 from visstg.eval.reference import evaluate_reference
 
 
@@ -261,6 +263,89 @@ def test_more_than_100_detections_per_video_and_category():
     check_against_reference(gt, res)
 
 
+# --------------------------------------------------------------------------- per-frame intersections
+class _T:
+    """A track as frame_intersections reads it."""
+
+    def __init__(self, segs):
+        self.segs = segs
+        self.present = np.array([s is not None for s in segs], bool)
+        self.mask_areas = np.array([area(s) or 0 for s in segs], np.int64)
+
+
+def brute_intersections(dts, gts):
+    """{(frame, det, gt): pixels} by decoding every pair of masks."""
+    out = {}
+    for d, dt in enumerate(dts):
+        for g, gt in enumerate(gts):
+            for f, (a, b) in enumerate(zip(dt.segs, gt.segs)):
+                if a is not None and b is not None:
+                    n = int((mask_utils.decode(a) & mask_utils.decode(b)).sum())
+                    if n:
+                        out[f, d, g] = n
+    return out
+
+
+def as_dict(ov: Overlaps):
+    return {(f, d, g): i for f, d, g, i in zip(*(x.tolist() for x in (ov.frame, ov.det, ov.gt, ov.inter)))}  # fmt: skip
+
+
+def test_intersections_of_touching_adjacent_and_empty_masks():
+    # pycocotools skips pairs whose boxes do not overlap; boxes sharing an edge or a corner
+    # share no pixel, one shared column or pixel does, and empty masks meet nothing.
+    h, w = 10, 12
+    g = box(h, w, 2, 2, 6, 6)  # rows 2-5, columns 2-5
+    empty = box(h, w, 0, 0, 0, 0)
+    dets = [
+        box(h, w, 2, 6, 6, 9),  # columns 6-8: shares the edge x = 6, no pixel
+        box(h, w, 6, 2, 8, 6),  # rows 6-7: shares the edge y = 6
+        box(h, w, 6, 6, 8, 8),  # touches only at a corner
+        box(h, w, 2, 5, 6, 9),  # one shared column: 4 pixels
+        box(h, w, 5, 5, 9, 9),  # one shared pixel at (5, 5)
+        empty,
+        g,
+    ]
+    dts = [_T([x, x]) for x in dets] + [_T([None, g])]
+    gts = [_T([g, empty]), _T([empty, g])]
+    got = as_dict(frame_intersections(dts, gts))
+    assert got == brute_intersections(dts, gts)
+    assert got == {(0, 3, 0): 4, (0, 4, 0): 1, (0, 6, 0): 16, (1, 3, 1): 4, (1, 4, 1): 1,
+                   (1, 6, 1): 16, (1, 7, 1): 16}  # fmt: skip
+
+
+def test_intersections_are_exact_on_random_masks():
+    # Random masks (holes, several parts, runs that wrap to the next column, empty masks,
+    # absent frames, lists of different lengths): every nonzero intersection, exactly.
+    rng = np.random.default_rng(0)
+    h, w, n_frames = 9, 7, 4
+
+    def rand_mask():
+        r = rng.random()
+        if r < 0.15:
+            return None
+        m = (rng.random((h, w)) < (0.0 if r < 0.25 else rng.uniform(0.05, 0.6))).astype(np.uint8)
+        rle = mask_utils.encode(np.asfortranarray(m))
+        return {"size": [h, w], "counts": rle["counts"].decode()}
+
+    for _ in range(20):
+        dts = [
+            _T([rand_mask() for _ in range(int(rng.integers(1, n_frames + 2)))]) for _ in range(5)
+        ]
+        gts = [
+            _T([rand_mask() for _ in range(int(rng.integers(1, n_frames + 2)))]) for _ in range(3)
+        ]
+        assert as_dict(frame_intersections(dts, gts)) == brute_intersections(dts, gts)
+
+
+def test_mask_size_mismatch_is_an_input_error():
+    gt = make_gt(
+        [{"video_id": 1, "category_id": 1, "segmentations": [box(12, 12, 0, 0, 6, 6)] * 3}]
+    )
+    del gt["videos"][0]["height"], gt["videos"][0]["width"]  # results cannot be size-checked
+    with pytest.raises(ValueError, match="mask sizes differ"):
+        evaluate(gt, [det([B4] * 3, 0.9)])
+
+
 # --------------------------------------------------------------------------- results files
 def test_results_writer_zip_and_loader(tmp_path):
     raw = mask_utils.encode(np.asfortranarray(np.ones((10, 10), np.uint8)))  # bytes counts
@@ -290,6 +375,35 @@ def test_hota_perfect_then_lower_with_swapped_ids():
     assert swapped["AssA"] < 1.0 and swapped["HOTA"] < 1.0
 
 
+def hota_case(seed):
+    """Random inputs with HOTA-relevant variety: several classes, empty masks, absent frames,
+    result lists shorter or longer than the video, categories unknown to the ground truth."""
+    gt, res = random_case(seed, n_videos=1 + seed % 4, n_frames=4 + seed % 3)
+    rng = np.random.default_rng(seed)
+    for r in res:  # identity swaps between tracks make association matter
+        if rng.random() < 0.3:
+            r["segmentations"] = r["segmentations"][::-1]
+    return gt, res
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_fast_hota_equals_trackeval_dataset_path(seed):
+    gt, res = hota_case(seed)
+    fast, ref = hota(gt, res), hota_reference(gt, res)
+    for k in ("HOTA", "DetA", "AssA"):
+        assert fast[k] == pytest.approx(ref[k], abs=1e-9), k
+
+
+def test_fast_hota_sequence_names_and_lengths_follow_trackeval():
+    # Two videos whose files share a folder: trackeval keeps one sequence (the later video,
+    # in the earlier one's place); a video without file names is named and sized from length.
+    gt, res = random_case(3, n_videos=3, n_frames=5)
+    gt["videos"][1]["file_names"] = [f"v1/{f}.jpg" for f in range(5)]  # same folder as video 1
+    del gt["videos"][2]["file_names"]
+    for k in ("HOTA", "DetA", "AssA"):
+        assert hota(gt, res)[k] == pytest.approx(hota_reference(gt, res)[k], abs=1e-9)
+
+
 # --------------------------------------------------------------------------- command line
 def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "visstg.evaluate", *args], cwd=cwd,
@@ -315,12 +429,16 @@ def test_cli_writes_metrics_and_nothing_else(tmp_path):
         (json.dumps([det([B4] * 3, 0.9, video_id=7)]), "video_id 7 is not a video"),
         (json.dumps([det([[1, 1, 5, 1, 5, 5]] * 3, 0.9)]), "polygons are not accepted"),
         ('[{"video_id": 1,', "is not valid JSON"),
+        (b'[{"video_id": 1, "x": "\xff"}]', "is not valid JSON"),
     ],
 )
 def test_cli_bad_results_name_the_file(tmp_path, content, message):
     gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [B4] * 3}])
     (tmp_path / "gt.json").write_text(json.dumps(gt))
-    (tmp_path / "bad.json").write_text(content)
+    if isinstance(content, bytes):
+        (tmp_path / "bad.json").write_bytes(content)
+    else:
+        (tmp_path / "bad.json").write_text(content)
     p = run_cli("gt=gt.json", "results=bad.json", "hota=false", cwd=tmp_path)
     assert p.returncode != 0
     assert message in p.stderr and "bad.json" in p.stderr
