@@ -123,6 +123,8 @@ class VisSTGModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.config = config
+        self.categories = categories
+        self.validator = VideoValidator(TrackerConfig(**(tracker or {})), hota=val_hota)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.net.forward_train(batch)
