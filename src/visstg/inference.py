@@ -1,0 +1,156 @@
+"""Loading a trained model from a checkpoint and running it over videos.
+
+Shared by ``visstg.evaluate`` (checkpoint mode), ``visstg.predict`` and ``visstg.benchmark``.
+A visstg checkpoint is a Lightning checkpoint whose ``visstg_config`` holds the resolved training
+config (so the network can be rebuilt without the original command line) and whose
+``visstg_categories`` holds the training data's categories (original ids and names).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["CheckpointError", "LoadedModel", "load_checkpoint", "results_for_video", "infer_split"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not match the model config."""
+
+
+@dataclass
+class LoadedModel:
+    net: torch.nn.Module
+    config: dict[str, Any]
+    categories: list[dict]  # [{"id": original id, "name": ...}] in contiguous-label order
+    path: Path
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self.categories]
+
+    def category_id(self, label: int) -> int:
+        return int(self.categories[label]["id"])
+
+
+def load_checkpoint(
+    path: str | Path, device: str | torch.device = "cpu", model_overrides: dict | None = None
+) -> LoadedModel:
+    """Rebuild the network from a checkpoint's stored config and load its weights.
+
+    Args:
+        path: a Lightning checkpoint written by ``python -m visstg.train``.
+        model_overrides: values merged into the stored ``model`` config before building
+            (e.g. ``{"tracker": {...}}`` or inference-only thresholds).
+
+    Raises:
+        CheckpointError: the file does not exist, is not a visstg checkpoint, or its weights do
+            not fit the network its config builds (the message lists the mismatching keys).
+    """
+    import hydra
+    from omegaconf import OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # pickle/zip errors of every kind
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint: {err}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "visstg_config" not in ckpt:
+        raise CheckpointError(
+            f"{path}: not a visstg checkpoint (no 'state_dict' / 'visstg_config'); "
+            "use a checkpoint written by `python -m visstg.train`"
+        )
+    config = ckpt["visstg_config"]
+    model_cfg = OmegaConf.create(config["model"])
+    if model_overrides:
+        model_cfg = OmegaConf.merge(model_cfg, OmegaConf.create(model_overrides))
+    try:
+        net = hydra.utils.instantiate(model_cfg)
+    except Exception as err:
+        raise CheckpointError(
+            f"{path}: cannot build the model its config describes: {err}"
+        ) from None
+    prefix = "net."
+    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape_errors = [
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    if missing or unexpected or shape_errors:
+        lines = [f"{path}: the weights do not match the model built from the config:"]
+        for name, keys in (("missing", missing), ("unexpected", unexpected)):
+            if keys:
+                lines.append(f"  {name} keys ({len(keys)}): {', '.join(keys[:8])}")
+        lines += [f"  {e}" for e in shape_errors[:8]]
+        raise CheckpointError("\n".join(lines))
+    net.load_state_dict(state)
+    categories = ckpt.get("visstg_categories") or [
+        {"id": i + 1, "name": n}
+        for i, n in enumerate(config.get("data", {}).get("class_names") or [])
+    ]
+    return LoadedModel(net.to(device).eval(), config, categories, path)
+
+
+def results_for_video(
+    tracks: list[dict[str, Any]], video_id: int, categories: list[dict]
+) -> list[dict[str, Any]]:
+    """Video-level tracks (contiguous labels) -> YouTube-VIS result entries (original ids)."""
+    return [
+        {
+            "video_id": video_id,
+            "category_id": int(categories[t["label"]]["id"]),
+            "score": float(t["score"]),
+            "segmentations": t["segmentations"],
+        }
+        for t in tracks
+    ]
+
+
+def infer_split(
+    model: LoadedModel,
+    data_cfg: dict[str, Any],
+    split: str,
+    tracker_overrides: dict | None = None,
+    device: str | torch.device = "cpu",
+    max_videos: int | None = None,
+):
+    """Track every video of ``data_cfg``'s ``split``; returns (loaded split, results list).
+
+    ``data_cfg`` is a data config node (``conf/data/*.yaml``, resolved to a dict).
+    """
+    from rich.progress import track
+
+    from visstg.data.datamodule import VideoDataset, VISDataModule
+    from visstg.tracker import OnlineTracker, TrackerConfig
+
+    kwargs = {k: v for k, v in data_cfg.items() if not k.startswith("_")}
+    dm = VISDataModule(**kwargs)
+    if not (dm.root / f"{split}.json").exists():
+        dm.prepare_data()  # a synthetic dataset is generated again if it is missing
+    ds = dm.split(split)
+    if [c["id"] for c in ds.categories] != [c["id"] for c in model.categories]:
+        raise CheckpointError(
+            f"{model.path}: trained on categories {[c['id'] for c in model.categories]} but "
+            f"{ds.path} has {[c['id'] for c in ds.categories]}"
+        )
+    videos = VideoDataset(ds, dm.test_size, dm.max_size)
+    n = len(videos) if max_videos is None else min(max_videos, len(videos))
+    tracker_cfg = TrackerConfig(
+        **{**(model.config.get("tracker") or {}), **(tracker_overrides or {})}
+    )
+    tracker = OnlineTracker(model.net, tracker_cfg)
+    results: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for i in track(range(n), description=f"inference on {ds.path.name}"):
+            video = videos[i]
+            results += results_for_video(tracker.run(video), video.video_id, model.categories)
+    return ds, results

