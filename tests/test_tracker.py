@@ -102,6 +102,25 @@ def test_never_two_detections_on_one_track() -> None:
     assert by_score[0.7] == 1 and by_score[0.6] == 2
 
 
+def test_model_declared_track_state_is_carried() -> None:
+    class WithEmbeddings(ScriptedModel):
+        track_state_keys = ("embeddings",)
+
+        def inference_step(self, image, state=None, references=None, image_size=None):
+            self.got = (references or {}).get("memory_embeddings")
+            self.got_boxes = (references or {}).get("memory_boxes")
+            out, state = super().inference_step(image, state, references, image_size)
+            out["embeddings"] = out["boxes"][:, :2] * 10  # any per-detection tensor
+            return out, state
+
+    model = WithEmbeddings([[(0, 1, 0.9, BOX_A)], [(0, 1, 0.9, BOX_B)], []])
+    tracker = OnlineTracker(model, TrackerConfig())
+    for _ in range(3):
+        tracker.step(torch.zeros(3, H, W), (H, W), (H, W))
+    # frame 2 received the state of frame 1's detection (BOX_B), the track's latest
+    assert model.got.tolist() == [[240.0, 80.0]] and model.got_boxes.tolist() == [list(BOX_B)]
+
+
 def test_class_change_is_not_associated_and_low_scores_are_dropped() -> None:
     script = [[(0, 1, 0.9, BOX_A)], [(0, 2, 0.9, BOX_A), (2, 1, 0.05, BOX_B)]]
     _, frames = run(script, score_threshold=0.1)

@@ -40,8 +40,11 @@ class InferenceModel(Protocol):
 
     ``references`` (R live tracks): ``memory_nodes [R, L, D]`` node features of each track when
     last seen, ``memory_centers [R, 2]`` (x, y input px of its last box centre),
-    ``memory_labels [R]``, and for tracks lost in the previous frame their stored kernels
-    ``memory_kernels [K, P]`` at ``memory_levels [K]`` / ``memory_cells [K, 2]`` (y, x).
+    ``memory_labels [R]``, ``memory_boxes [R, 4]`` (last box, xyxy input px), and for tracks
+    lost in the previous frame their stored kernels ``memory_kernels [K, P]`` at
+    ``memory_levels [K]`` / ``memory_cells [K, 2]`` (y, x). A model may list more per-detection
+    outputs in ``track_state_keys`` (e.g. ``("embeddings",)`` for embedding association): the
+    tracker keeps each track's latest value and passes them back as ``memory_<key> [R, ...]``.
     The outputs (Dn detections) used here: ``boxes [Dn, 4]`` xyxy input px, ``scores [Dn]``,
     ``labels [Dn]``, ``levels [Dn]``, ``cells [Dn, 2]``, ``masks [Dn, H/4, W/4]`` logits,
     ``edge_scores [R, Dn]`` (0 where no edge), ``node_features [Dn, L, D]``, ``kernels [Dn, P]``.
@@ -87,6 +90,7 @@ class Track:
     level: int = 0  # FPN level and (y, x) cell of its last detection
     cell: torch.Tensor | None = None  # [2]
     age: int = 0  # frames since last matched
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # model's track_state_keys
     frames: dict[int, tuple[dict, float, int]] = field(
         default_factory=dict
     )  # t -> rle, score, label
@@ -139,6 +143,7 @@ class OnlineTracker:
     def __init__(self, model: InferenceModel, config: TrackerConfig | None = None) -> None:
         self.model = model
         self.cfg = config or TrackerConfig()
+        self.track_state_keys: tuple[str, ...] = tuple(getattr(model, "track_state_keys", ()))
         self.reset()
 
     def reset(self) -> None:
@@ -161,8 +166,11 @@ class OnlineTracker:
         refs = {
             "memory_nodes": torch.stack([t.node_feats for t in self.live]),  # [R, L, D]
             "memory_centers": torch.stack([t.center for t in self.live]),  # [R, 2]
+            "memory_boxes": torch.stack([t.box for t in self.live]),  # [R, 4]
             "memory_labels": torch.tensor([t.label for t in self.live], dtype=torch.long),
         }
+        for key in self.track_state_keys:
+            refs[f"memory_{key}"] = torch.stack([t.extra[key] for t in self.live])
         if lost:
             refs["memory_kernels"] = torch.stack([t.kernel for t in lost])  # [K, P]
             refs["memory_levels"] = torch.tensor([t.level for t in lost], dtype=torch.long)
@@ -226,6 +234,7 @@ class OnlineTracker:
             track.center = (box[:2] + box[2:]) / 2
             track.level, track.cell = int(out["levels"][det]), out["cells"][det]
             track.kernel = kernels[det] if kernels is not None else None
+            track.extra = {key: out[key][det] for key in self.track_state_keys}
             track.frames[t] = (rles[j], score, label)
             results.append((track.id, label, score, rles[j]))
 
