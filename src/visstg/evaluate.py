@@ -46,13 +46,51 @@ def evaluate_files(
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """Checkpoint mode: inference on ``cfg.split`` with ``cfg.ckpt_path``, then scoring.
 
-    Not implemented yet (a later issue); kept separate so that the scoring path stays free of
-    torch and the model code.
+    The data is the checkpoint's training data config unless ``data=NAME`` picks another;
+    ``data.root=DIR`` points it at another copy in the same layout. A split without ground
+    truth gets its results JSON and submission zip written instead of metrics.
     """
-    raise NotImplementedError(
-        f"ckpt_path={cfg.ckpt_path}: evaluating a checkpoint is not implemented yet; "
-        "run inference to a results file and pass gt=... results=... instead"
+    from omegaconf import OmegaConf
+
+    from visstg.cli import resolve_device
+    from visstg.eval.results import make_submission_zip, write_results
+    from visstg.inference import infer_split, load_checkpoint
+    from visstg.validation import restrict_gt
+
+    output = Path(cfg.output) if cfg.output else None
+    results_path = (
+        Path(cfg.results)
+        if cfg.results
+        else (output or Path("metrics.json")).with_name(f"{cfg.split}_results.json")
     )
+    if results_path.exists() and not cfg.get("overwrite"):
+        raise FileExistsError(
+            f"{results_path} exists; pass results=OTHER.json or overwrite=true to replace it"
+        )
+    device = resolve_device(cfg.get("device", "auto"))
+    model = load_checkpoint(cfg.ckpt_path, device)
+    chosen = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
+    data_cfg = dict(model.config["data"]) if not chosen.get("name") else chosen
+    if chosen.get("root"):
+        data_cfg["root"] = chosen["root"]
+    tracker = OmegaConf.to_container(cfg.tracker, resolve=True) if cfg.get("tracker") else None
+    ds, results = infer_split(model, data_cfg, cfg.split, tracker, device, cfg.get("max_videos"))
+
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    write_results(results, results_path)
+    if not ds.has_annotations:
+        zip_path = make_submission_zip(results_path, results_path.with_suffix(".zip"))
+        print(
+            f"{ds.path} has no ground truth: wrote the results to {results_path} and the "
+            f"submission archive to {zip_path} (upload it to the evaluation server)"
+        )
+        return {}
+    with open(ds.path) as f:
+        gt = json.load(f)
+    if cfg.get("max_videos") is not None:  # score only the videos that were run
+        gt = restrict_gt(gt, {v["id"] for v in ds.videos[: cfg.max_videos]})
+    print(f"results of {len(gt['videos'])} videos written to {results_path}")
+    return evaluate_files(gt, str(results_path), cfg.output, with_hota=cfg.hota)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
@@ -62,12 +100,14 @@ def main(cfg: DictConfig) -> None:
     logging.basicConfig(format="[%(levelname)s] %(message)s", level=logging.INFO, force=True)
     try:
         if cfg.ckpt_path:
-            evaluate_checkpoint(cfg)
+            from visstg.cli import exit_on_user_error
+
+            exit_on_user_error(evaluate_checkpoint, cfg)
             return
         if not cfg.gt or not cfg.results:
             raise EvalInputError("give gt=GT.json and results=RESULTS.json (or ckpt_path=CKPT)")
         evaluate_files(cfg.gt, cfg.results, cfg.output, with_hota=cfg.hota)
-    except (EvalInputError, NotImplementedError) as e:
+    except (EvalInputError, FileExistsError) as e:
         sys.exit(f"error: {e}")
 
 
