@@ -142,6 +142,13 @@ class VisSTGModule(pl.LightningModule):
                 self.log(f"train/{key}", losses[key], batch_size=batch_size)
         return losses["loss"]
 
+    def setup(self, stage: str) -> None:
+        # The categories of the training data go into every checkpoint (visstg_categories).
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.categories is None and dm is not None and hasattr(dm, "split"):
+            cats = dm.split(dm.train_split).categories
+            self.categories = [{"id": c["id"], "name": c["name"]} for c in cats]
+
     def on_validation_epoch_start(self) -> None:
         self.validator.reset()
 

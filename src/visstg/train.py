@@ -8,6 +8,7 @@ multirun sweeps, e.g. ``python -m visstg.train -m model.gnn.iterations=1,2,3,4``
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ def build_trainer(cfg: DictConfig):
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
     logger: Any = False
     if cfg.get("logger"):
-        logger = hydra.utils.instantiate(cfg.logger)
+        logger = hydra.utils.instantiate(cfg.logger, **_sweep_grouping(cfg))
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     else:  # logger=none: the learning-rate monitor has nowhere to write
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -38,7 +39,25 @@ def build_trainer(cfg: DictConfig):
     return trainer
 
 
-def build_module(cfg: DictConfig, categories: list[dict] | None = None):
+def _sweep_grouping(cfg: DictConfig) -> dict[str, str]:
+    """In a multirun, W&B runs are grouped by sweep and named by their overrides."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or "WandbLogger" not in str(cfg.logger.get("_target_")):
+        return {}
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return {}
+    grouping = {}
+    if not cfg.logger.get("group"):
+        grouping["group"] = Path(hc.sweep.dir).name
+    if not cfg.logger.get("name"):
+        grouping["name"] = hc.job.override_dirname or f"job{hc.job.num}"
+    return grouping
+
+
+def build_module(cfg: DictConfig):
     """The LightningModule: network, criterion, optimizer and schedule from the config."""
     from visstg.lit import VisSTGModule
 
@@ -51,7 +70,6 @@ def build_module(cfg: DictConfig, categories: list[dict] | None = None):
         config=OmegaConf.to_container(cfg, resolve=True),
         tracker=OmegaConf.to_container(cfg.tracker, resolve=True) if cfg.get("tracker") else None,
         val_hota=cfg.get("val_hota", True),
-        categories=categories,
     )
 
 
@@ -60,13 +78,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import pytorch_lightning as pl
 
     pl.seed_everything(cfg.seed, workers=True)
+    # Lightning calls datamodule.prepare_data() (which generates the synthetic dataset on first
+    # use) on local rank 0 only, then setup() everywhere; the module reads the categories then.
     datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()  # generates the synthetic dataset on first use
-    categories = [
-        {"id": c["id"], "name": c["name"]}
-        for c in datamodule.split(datamodule.train_split).categories
-    ]
-    module = build_module(cfg, categories)
+    module = build_module(cfg)
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
@@ -80,7 +95,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         out["val_metrics"] = module.validator.last_metrics
         out["evaluated_ckpt"] = best or "the final weights"
+    out["global_step"] = trainer.global_step
+    if trainer.is_global_zero:
+        write_run_summary(Path(cfg.paths.output_dir), out)
     return out
+
+
+def write_run_summary(output_dir: Path, out: dict[str, Any]) -> Path:
+    """``metrics.json`` in the run directory: final validation metrics, checkpoints, steps.
+
+    Sweeps read it (:mod:`visstg.sweep`) to tabulate every run.
+    """
+    val = {k: v for k, v in (out.get("val_metrics") or {}).items() if not k.startswith("_")}
+    summary = {
+        "val": val,
+        "best_ckpt": out.get("best_ckpt"),
+        "last_ckpt": out.get("last_ckpt"),
+        "evaluated_ckpt": out.get("evaluated_ckpt"),
+        "global_step": out.get("global_step"),
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "metrics.json"
+    path.write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    return path
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")

@@ -1,0 +1,148 @@
+"""The training entry point: W&B offline logging, checkpoints, resume after a kill, seeds, sweeps,
+DDP validation. Tiny settings; the long ones are marked slow (``make test-all``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def tiny(root: Path, out: Path, *extra: str) -> list[str]:
+    """Overrides for a seconds-long run on a tiny synthetic dataset generated under ``root``."""
+    return [
+        f"data.root={root}",
+        "data.synthetic.train_videos=2",
+        "data.synthetic.val_videos=2",
+        "data.synthetic.height=64",
+        "data.synthetic.width=96",
+        "+data.synthetic.min_frames=4",
+        "+data.synthetic.max_frames=5",
+        "data.train_sizes=[64]",
+        "data.test_size=64",
+        "data.max_size=128",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "model.dim=16",
+        "trainer.max_epochs=1",
+        "callbacks.progress_bar=null",
+        f"hydra.run.dir={out}",
+        *extra,
+    ]
+
+
+def train(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-m", "visstg.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_default_run_logs_to_wandb_offline_and_prints_the_table(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = train(
+        *tiny(
+            tmp_path / "data", out, "+trainer.limit_train_batches=3", "trainer.log_every_n_steps=1"
+        )
+    )
+    assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in proc.stdout
+    assert f"best checkpoint: {out}/checkpoints/epoch_000.ckpt" in proc.stdout
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["global_step"] == 3 and "AP" in summary["val"] and "HOTA" in summary["val"]
+    # W&B wrote an offline run (no account, no network) holding the logged metrics
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    (events,) = run_dir.glob("run-*.wandb")
+    data = events.read_bytes()
+    for key in (b"train/loss", b"train/loss_center", b"val/AP", b"val/HOTA", b"lr-SGD"):
+        assert key in data, key
+    assert b"val/overlay" in data  # overlay frames of a validation video
+
+
+def test_same_seed_same_losses(tmp_path: Path) -> None:
+    def losses(name: str) -> list[str]:
+        out = tmp_path / name
+        train(*tiny(tmp_path / "data", out, "logger=csv", "seed=7", "+trainer.limit_train_batches=3",
+                    "evaluate_after_fit=false", "+trainer.limit_val_batches=0",
+                    "trainer.log_every_n_steps=1"))  # fmt: skip
+        (metrics,) = out.glob("csv/version_*/metrics.csv")
+        rows = list(csv.DictReader(metrics.open()))
+        return [r["train/loss"] for r in rows if r.get("train/loss")]
+
+    first = losses("a")
+    assert len(first) == 3 and first == losses("b")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_step_count(tmp_path: Path) -> None:
+    common = tiny(tmp_path / "data", tmp_path / "x", "logger=csv", "trainer.max_epochs=3",
+                  "callbacks.last_checkpoint.every_n_train_steps=1", "evaluate_after_fit=false")  # fmt: skip
+    common = [a for a in common if not a.startswith("hydra.run.dir")]
+    full = tmp_path / "full"
+    train(*common, f"hydra.run.dir={full}")
+    expected = json.loads((full / "metrics.json").read_text())["global_step"]
+    assert expected > 2
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "visstg.train", *common, f"hydra.run.dir={killed}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    assert not (killed / "metrics.json").exists()
+
+    train(*common, f"hydra.run.dir={killed}", f"ckpt_path={last}")
+    resumed = json.loads((killed / "metrics.json").read_text())["global_step"]
+    assert resumed == expected
+
+
+@pytest.mark.slow
+def test_two_value_sweep_writes_a_summary(tmp_path: Path) -> None:
+    overrides = [a for a in tiny(tmp_path / "data", tmp_path / "x", "logger=csv",
+                                 "+trainer.limit_train_batches=2") if not a.startswith("hydra.run")]  # fmt: skip
+    sweep = tmp_path / "sweep"
+    train("-m", *overrides, f"hydra.sweep.dir={sweep}", "model.gnn.iterations=1,2")
+    assert (sweep / "0" / "metrics.json").is_file() and (sweep / "1" / "metrics.json").is_file()
+    rows = list(csv.DictReader((sweep / "summary.csv").open()))
+    assert [r["overrides"] for r in rows] == ["model.gnn.iterations=1", "model.gnn.iterations=2"]
+    assert all(r["AP"] != "" for r in rows)
+    assert "| run | overrides | AP |" in (sweep / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_validation_equals_single_process_evaluation(tmp_path: Path) -> None:
+    """Two gloo processes each track a share of 3 videos (the sampler pads one duplicate); the
+    gathered metric equals `visstg.evaluate` of the same checkpoint in one process."""
+    out = tmp_path / "ddp"
+    low = ["tracker.score_threshold=0", "tracker.new_track_threshold=0"]  # many tracks
+    overrides = tiny(tmp_path / "data", out, "trainer=ddp_sim", "logger=csv",
+                     "data.synthetic.val_videos=3", "+trainer.limit_train_batches=2", *low)  # fmt: skip
+    train(*overrides)
+    ddp = json.loads((out / "metrics.json").read_text())
+    assert ddp["val"]["num_videos"] == 3
+    single = tmp_path / "single.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "visstg.evaluate", f"ckpt_path={ddp['best_ckpt']}", f"output={single}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = json.loads(single.read_text())
+    assert expected["HOTA"] > 0  # a non-trivial comparison
+    for key in ("AP", "AP50", "AP75", "AR1", "AR10", "AR100", "HOTA", "DetA", "AssA"):
+        assert ddp["val"][key] == pytest.approx(expected[key], abs=1e-12), key
