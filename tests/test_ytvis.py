@@ -150,3 +150,28 @@ def test_missing_and_undecodable_frames(tiny_root: Path) -> None:
     frame.write_bytes(b"not an image")
     with pytest.raises(DatasetError, match=r"video 1 frame 2: cannot decode .*00002.png"):
         ds.load_frame(ds.video(1), 2)
+
+
+def test_reader_and_check_on_generated_synthetic_data(tmp_path: Path) -> None:
+    from visstg.data.check import check_split
+    from visstg.data.datamodule import PairDataset
+    from visstg.data.synthetic import generate
+    from visstg.data.transforms import PairAugmentation
+
+    generate(
+        tmp_path, train_videos=3, val_videos=1, height=64, width=96, min_frames=4, max_frames=6
+    )
+    ds = load_ytvis(tmp_path / "train.json")
+    assert ds.class_names == ["disc", "square", "triangle", "ring", "cross"]
+    assert len(ds.videos) == 3 and sum(len(t) for t in ds.tracks.values()) >= 3
+    for video in ds.videos:
+        for frame in range(video["length"]):
+            tracks, masks = ds.frame_masks(video, frame)
+            assert masks.shape == (len(tracks), 64, 96)
+            assert all(t.segmentations[frame] is not None for t in tracks)
+    pairs = PairDataset(ds, PairAugmentation((64,), 200, 0.5), max_gap=4)
+    item = pairs[0]
+    assert item["tgt"]["masks"].shape[0] == len(item["tgt"]["labels"]) >= 1
+    for split in ("train", "valid"):
+        loaded, problems = check_split(tmp_path, split, progress=False)
+        assert loaded is not None and problems == []
