@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from visstg.timing import NULL_TIMER
+
 __all__ = [
     "InferenceModel",
     "TrackerConfig",
@@ -131,9 +133,13 @@ def encode_masks(
     hs, ws = (h + mask_stride - 1) // mask_stride, (w + mask_stride - 1) // mask_stride
     logits = mask_logits[:, :hs, :ws].float()  # [D, hs, ws] valid region only
     logits = F.interpolate(logits[None], size=(hs * mask_stride, ws * mask_stride), mode="bilinear")
-    logits = F.interpolate(logits[:, :, :h, :w], size=orig_size, mode="bilinear")[0]  # [D, H, W]
-    masks = (logits.sigmoid() > threshold).cpu().numpy().astype(np.uint8)
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    logits = logits[0, :, :h, :w]  # [D, h, w]
+    if tuple(orig_size) != (h, w):  # a same-size bilinear resize is the identity: skip it
+        logits = F.interpolate(logits[None], size=orig_size, mode="bilinear")[0]  # [D, H, W]
+    # [D, W, H] C-contiguous is [H, W, D] Fortran-contiguous, the layout pycocotools wants, so
+    # the transpose happens on the (small, binary) device tensor and the host copy is the last.
+    masks = (logits.sigmoid() > threshold).to(torch.uint8).transpose(1, 2).contiguous()
+    rles = mask_utils.encode(masks.cpu().numpy().transpose(2, 1, 0))
     return [{"size": r["size"], "counts": r["counts"].decode()} for r in rles]
 
 
@@ -199,44 +205,60 @@ class OnlineTracker:
         if refs is not None:
             refs = {k: v.to(image.device) for k, v in refs.items()}
         out, self.state = self.model.inference_step(image, self.state, refs, image_size=valid_size)
-        scores = out["scores"]
-        keep = scores >= self.cfg.score_threshold
-        order = torch.argsort(scores[keep], descending=True, stable=True)
-        idx = torch.nonzero(keep).flatten()[order]  # detections, highest score first
-
-        n_refs = len(self.live)
-        edges = out["edge_scores"][:n_refs, idx] if n_refs else scores.new_zeros(0, len(idx))
-        assigned = self._associate(edges)  # kept detection -> live track index or None
+        timer = getattr(self.model, "timer", NULL_TIMER)
+        with timer.stage("association"):
+            scores = out["scores"]
+            # Detections, highest score first (stable); those >= score_threshold are a prefix.
+            order = torch.argsort(scores, descending=True, stable=True)
+            n_refs = len(self.live)
+            # One device -> host transfer per frame: scores, labels, levels and edge scores.
+            rows = [scores[order], out["labels"][order], out["levels"][order]]
+            if n_refs:
+                rows += list(out["edge_scores"][:n_refs, order])
+            host = torch.stack([r.to(torch.float64) for r in rows]).cpu()  # [3 + R, Dn]
+            host_scores, host_labels, host_levels = host[0], host[1].long(), host[2].long()
+            k = int((host_scores >= self.cfg.score_threshold).sum())
+            idx = order[:k]  # kept detections (device), highest score first
+            assigned = self._associate(host[3:, :k])  # kept detection -> live track or None
         stride = getattr(self.model, "mask_stride", 4)
-        rles = encode_masks(
-            out["masks"][idx], valid_size, orig_size, stride, self.cfg.mask_threshold
-        )
         kernels = out.get("kernels")
+        boxes, cells = out["boxes"][idx], out["cells"][idx]
+        node_features = out["node_features"][idx]
         t = self.frame_index
         matched: set[int] = set()
-        results = []
-        for j, det in enumerate(idx.tolist()):
-            score, label = float(scores[det]), int(out["labels"][det])
-            box = out["boxes"][det]
+        used: list[tuple[int, Track, float, int]] = []  # (kept position, track, score, label)
+        for j in range(k):
+            score, label = float(host_scores[j]), int(host_labels[j])
+            box = boxes[j]
             ref = assigned[j]
             if ref is not None:
                 track = self.live[ref]
                 matched.add(ref)
             elif score >= self.cfg.new_track_threshold:
-                track = Track(self.next_id, label, out["node_features"][det], box, box)
+                track = Track(self.next_id, label, node_features[j], box, box)
                 self.next_id += 1
                 self.live.append(track)
                 matched.add(len(self.live) - 1)
             else:
                 continue
             # The track's summary becomes this detection's (its reference node next frame).
-            track.node_feats, track.box, track.age = out["node_features"][det], box, 0
+            det = idx[j]
+            track.node_feats, track.box, track.age = node_features[j], box, 0
             track.center = (box[:2] + box[2:]) / 2
-            track.level, track.cell = int(out["levels"][det]), out["cells"][det]
+            track.level, track.cell = int(host_levels[j]), cells[j]
             track.kernel = kernels[det] if kernels is not None else None
             track.extra = {key: out[key][det] for key in self.track_state_keys}
-            track.frames[t] = (rles[j], score, label)
-            results.append((track.id, label, score, rles[j]))
+            used.append((j, track, score, label))
+        with timer.stage("rle"):
+            # Only the masks that end up in a track are upsampled and encoded.
+            sel = idx[torch.tensor([j for j, *_ in used], dtype=torch.long, device=idx.device)]
+            rles = encode_masks(
+                out["masks"][sel], valid_size, orig_size, stride, self.cfg.mask_threshold
+            )
+        results = []
+        for (_, track, score, label), rle in zip(used, rles):
+            track.frames[t] = (rle, score, label)
+            results.append((track.id, label, score, rle))
 
         still_live = []
         for i, track in enumerate(self.live):

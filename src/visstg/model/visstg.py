@@ -40,6 +40,7 @@ from visstg.model.segmentation import (
     upsample_mask_logits,
 )
 from visstg.model.tracking import EdgeClassifier, edge_scores_for_detections
+from visstg.timing import NULL_TIMER
 
 FUSIONS = ("relation", "concat", "none")
 ASSOCIATIONS = ("edge", "embedding", "offset")
@@ -141,6 +142,8 @@ class VisSTG(nn.Module):
         self.association = association
         self.propagation = propagation
         self.topk, self.nms_thresh, self.score_thresh = topk, nms_thresh, score_thresh
+        # Per-stage timing of inference_step (visstg.timing); a no-op unless benchmarking.
+        self.timer = NULL_TIMER
 
         self.backbone = backbone if backbone is not None else ResNetFPN(50, dim)
         self.graph = graph if graph is not None else GraphBuilder(dim, strides)
@@ -294,71 +297,81 @@ class VisSTG(nn.Module):
             )
         device = image.device
         h, w = image_size if image_size is not None else image.shape[-2:]
-        f_t = self.backbone(image)  # L x [1, D, H_l, W_l]
+        timer = self.timer
+        with timer.stage("backbone+fpn"):
+            f_t = self.backbone(image)  # L x [1, D, H_l, W_l]
         num_levels, dim = len(f_t), f_t[0].shape[1]
 
-        # Reference nodes: active tracks (ROIAlign on F_{t-1}) then memory entries.
-        nodes, centers, labels = [f_t[0].new_zeros(0, num_levels, dim)], [], []
-        if state is not None and references is not None:
-            boxes = references.get("boxes")
-            if boxes is not None and len(boxes):
-                boxes = boxes.to(device).float()
-                nodes.append(self.graph.encode_reference(state["feats"], [boxes]))  # [A, L, D]
-                centers.append((boxes[:, :2] + boxes[:, 2:]) / 2)
-                labels.append(references["labels"].to(device).long())
-            mem = references.get("memory_nodes")
-            if mem is not None and len(mem):
-                nodes.append(mem.to(device))  # [K, L, D]
-                centers.append(references["memory_centers"].to(device).float())
-                labels.append(references["memory_labels"].to(device).long())
-        ref_nodes = torch.cat(nodes)  # [R, L, D]
-        ref_centers = torch.cat(centers) if centers else image.new_zeros(0, 2)
-        ref_labels = (
-            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
-        )
-        num_refs = ref_nodes.shape[0]
-        ref_batch = torch.zeros(num_refs, dtype=torch.long, device=device)
+        with timer.stage("graph"):
+            # Reference nodes: active tracks (ROIAlign on F_{t-1}) then memory entries.
+            nodes, centers, labels = [f_t[0].new_zeros(0, num_levels, dim)], [], []
+            if state is not None and references is not None:
+                boxes = references.get("boxes")
+                if boxes is not None and len(boxes):
+                    boxes = boxes.to(device).float()
+                    nodes.append(self.graph.encode_reference(state["feats"], [boxes]))  # [A, L, D]
+                    centers.append((boxes[:, :2] + boxes[:, 2:]) / 2)
+                    labels.append(references["labels"].to(device).long())
+                mem = references.get("memory_nodes")
+                if mem is not None and len(mem):
+                    nodes.append(mem.to(device=device, dtype=nodes[0].dtype))  # [K, L, D]
+                    centers.append(references["memory_centers"].to(device).float())
+                    labels.append(references["memory_labels"].to(device).long())
+            ref_nodes = torch.cat(nodes)  # [R, L, D]
+            ref_centers = torch.cat(centers) if centers else image.new_zeros(0, 2)
+            ref_labels = (
+                torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+            )
+            num_refs = ref_nodes.shape[0]
+            ref_batch = torch.zeros(num_refs, dtype=torch.long, device=device)
+            graph = self.graph.build_graph(ref_nodes, ref_centers, ref_batch, f_t)
+        with timer.stage("gnn"):
+            fused = self._fuse(graph)
+            maps = fused["maps"]
+        with timer.stage("detection"):
+            det = self.det_head(maps)
+            # Decode in float32 even under autocast: box coordinates need the mantissa.
+            det = {k: [t.float() for t in v] for k, v in det.items()}
+            sizes = torch.tensor([[h, w]], device=device)
+            dets = decode_detections(
+                det, self.strides, sizes, self.topk, self.nms_thresh, self.score_thresh
+            )[0]
+            n = dets["scores"].numel()
+            det_batch = torch.zeros(n, dtype=torch.long, device=device)
+            # Exact peak centres (cell + predicted offset) for the relative coordinates.
+            offset = gather_at_cells(det["offset"], det_batch, dets["levels"], dets["cells"])
+            stride = torch.tensor(self.strides, device=device, dtype=offset.dtype)[dets["levels"]]
+            det_centers = (dets["cells"].flip(1).to(offset.dtype) + offset) * stride[:, None]
 
-        graph = self.graph.build_graph(ref_nodes, ref_centers, ref_batch, f_t)
-        fused = self._fuse(graph)
-        maps = fused["maps"]
-        det = self.det_head(maps)
-        sizes = torch.tensor([[h, w]], device=device)
-        dets = decode_detections(
-            det, self.strides, sizes, self.topk, self.nms_thresh, self.score_thresh
-        )[0]
-        n = dets["scores"].numel()
-        det_batch = torch.zeros(n, dtype=torch.long, device=device)
-        # Exact peak centres (cell + predicted offset) for the relative coordinates.
-        offset = gather_at_cells(det["offset"], det_batch, dets["levels"], dets["cells"])  # [n, 2]
-        stride = torch.tensor(self.strides, device=device, dtype=offset.dtype)[dets["levels"]]
-        det_centers = (dets["cells"].flip(1).to(offset.dtype) + offset) * stride[:, None]  # (x, y)
+        with timer.stage("mask"):
+            theta_t = self.controller(maps)
+            mask_feats = self.mask_branch(maps)
+            args = (det_batch, dets["levels"], dets["cells"], det_centers)
+            masks = self._masks_at(mask_feats, theta_t, *args)  # [n, H/4, W/4] M
+            if state is not None and self.kernel_warp is not None and self.mask_combine != "target":
+                theta_prev = self._with_memory_kernels(state["kernels"], references)
+                theta_warp = self.kernel_warp(theta_prev, f_t, state["feats"])
+                warped = self._masks_at(mask_feats, theta_warp, *args)  # M'
+                masks = warped if self.mask_combine == "warp" else (masks + warped) / 2
+            kernels_out = gather_at_cells(theta_t, *args[:3])  # [n, 169]
+            # theta for the next frame's warp: controller on the (unfused) maps, as theta_k in
+            # training, so warping sees the same kind of kernels at test time.
+            kernels = theta_t if graph.edge_index.shape[1] == 0 else self.controller(f_t)
 
-        theta_t = self.controller(maps)
-        mask_feats = self.mask_branch(maps)
-        args = (det_batch, dets["levels"], dets["cells"], det_centers)
-        masks = self._masks_at(mask_feats, theta_t, *args)  # [n, H/4, W/4] M
-        if state is not None and self.kernel_warp is not None and self.mask_combine != "target":
-            theta_prev = self._with_memory_kernels(state["kernels"], references)
-            theta_warp = self.kernel_warp(theta_prev, f_t, state["feats"])
-            warped = self._masks_at(mask_feats, theta_warp, *args)  # M'
-            masks = warped if self.mask_combine == "warp" else (masks + warped) / 2
-
-        edge_logits = self.edge_classifier(fused["edge_attr"])  # [E]
-        edge_scores = edge_scores_for_detections(
-            graph, edge_logits, dets["levels"], det_batch, dets["cells"], dets["labels"],
-            ref_labels, num_refs,
-        )  # fmt: skip
+        with timer.stage("association"):
+            edge_logits = self.edge_classifier(fused["edge_attr"])  # [E]
+            edge_scores = edge_scores_for_detections(
+                graph, edge_logits, dets["levels"], det_batch, dets["cells"], dets["labels"],
+                ref_labels, num_refs,
+            )  # fmt: skip
+            node_features = self.graph.encode_reference(f_t, [dets["boxes"]])  # [n, L, D]
         outputs = {
             **dets,
             "masks": masks,
             "edge_scores": edge_scores,
-            "node_features": self.graph.encode_reference(f_t, [dets["boxes"]]),  # [n, L, D]
-            "kernels": gather_at_cells(theta_t, *args[:3]),  # [n, 169]
+            "node_features": node_features,
+            "kernels": kernels_out,
         }
-        # theta for the next frame's warp: controller on the (unfused) maps, as theta_k in
-        # training, so warping sees the same kind of kernels at test time.
-        kernels = theta_t if graph.edge_index.shape[1] == 0 else self.controller(f_t)
         new_state = {"feats": f_t, "kernels": kernels if self.kernel_warp is not None else None}
         return outputs, new_state
 
