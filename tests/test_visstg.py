@@ -145,17 +145,17 @@ def test_empty_frames_give_finite_connected_losses(ref_instances, tgt_instances)
         assert all(p.grad is not None for p in module.parameters()), type(module).__name__
 
 
-def test_propagation_off_and_unimplemented_variants():
+def test_propagation_off_and_invalid_variants():
     net, batch = tiny_net(propagation=False), pair_batch()
     assert net.kernel_warp is None
     out = net.forward_train(batch)
     assert out["mask_warp_logits"] is None
     losses = VisSTGCriterion()(out, batch)
     assert losses["loss_mask_warp"].item() == 0.0
-    with pytest.raises(NotImplementedError, match="concat"):
+    # The ablation variants are implemented (tests/test_ablations.py); edge association needs
+    # the graph.
+    with pytest.raises(ValueError, match="fusion='relation'"):
         tiny_net(fusion="concat")
-    with pytest.raises(NotImplementedError, match="embedding"):
-        tiny_net(association="embedding")
     with pytest.raises(ValueError, match="fusion"):
         tiny_net(fusion="attention")
 

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from visstg.model.criterion import LOSS_KEYS
+from visstg.model.criterion import ASSOCIATION_LOSS_KEYS, LOSS_KEYS
 from visstg.tracker import TrackerConfig
 from visstg.validation import LOGGED_KEYS, VideoValidator
 
@@ -137,7 +137,7 @@ class VisSTGModule(pl.LightningModule):
         losses = self.model_step(batch)
         batch_size = int(batch["tgt_images"].shape[0])
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
-        for key in LOSS_KEYS:
+        for key in LOSS_KEYS + ASSOCIATION_LOSS_KEYS:
             if key in losses:
                 self.log(f"train/{key}", losses[key], batch_size=batch_size)
         return losses["loss"]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from visstg.model.association import association_losses
 from visstg.model.detection import Assignment, centernet_loss, heatmap_targets
 from visstg.model.losses import dice_loss, downsample_masks, edge_loss
 from visstg.model.tracking import edge_training_targets
@@ -27,6 +28,9 @@ LOSS_KEYS = (
     "loss_mask_ref",
     "loss_edge",
 )
+# Losses of the association ablations (model.association=embedding / offset); a criterion output
+# has the one of its variant instead of loss_edge.
+ASSOCIATION_LOSS_KEYS = ("loss_embed", "loss_track_offset")
 
 
 def assignment_masks(
@@ -58,10 +62,13 @@ class VisSTGCriterion(nn.Module):
     - L_mask = mask_weights[target] * loss_mask (dice of M, target kernels) +
       mask_weights[warp] * loss_mask_warp (dice of M', warped reference kernels) +
       mask_weights[ref] * loss_mask_ref (dice of the reference frame's masks, paper 3.6).
-    - L_edge = loss_edge (BCE over E_prune, paper Eq. 6).
+    - L_edge = loss_edge (BCE over E_prune, paper Eq. 6), or for the association ablations
+      (:mod:`visstg.model.association`) instead: weights[embed] * loss_embed (cross-entropy over
+      {new} + reference instances) or weights[track_offset] * loss_track_offset (L1 of the
+      displacement to the previous centre).
 
     Args:
-        weights: ``{"det": l1, "mask": l2, "edge": l3}``.
+        weights: ``{"det": l1, "mask": l2, "edge": l3, "embed", "track_offset"}``.
         size_weight, offset_weight: lambda_size, lambda_offset.
         mask_weights: ``{"target", "warp", "ref"}`` weights inside L_mask.
         min_overlap: Gaussian radius parameter of the heatmap targets.
@@ -82,7 +89,10 @@ class VisSTGCriterion(nn.Module):
         mask_target_stride: int = 4,
     ) -> None:
         super().__init__()
-        self.weights = {"det": 1.0, "mask": 1.0, "edge": 1.0, **dict(weights or {})}
+        self.weights = {
+            "det": 1.0, "mask": 1.0, "edge": 1.0, "embed": 1.0, "track_offset": 1.0,
+            **dict(weights or {}),
+        }  # fmt: skip
         self.mask_weights = {"target": 1.0, "warp": 1.0, "ref": 1.0, **dict(mask_weights or {})}
         self.size_weight = size_weight
         self.offset_weight = offset_weight
@@ -123,9 +133,12 @@ class VisSTGCriterion(nn.Module):
 
         ref_labels = torch.cat([t["labels"].long() for t in batch["ref_targets"]])  # [M]
         ref_tracks = torch.cat([t["track_ids"].long() for t in batch["ref_targets"]])  # [M]
-        edge_ids, labels = edge_training_targets(outputs["graph"], tgt, ref_labels, ref_tracks)
-        logits = outputs["edge_logits"]
-        losses["loss_edge"] = edge_loss(logits[edge_ids], labels, all_logits=logits)
+        logits = outputs.get("edge_logits")
+        if logits is not None:  # association "edge"
+            graph = outputs["graph"]
+            edge_ids, labels = edge_training_targets(graph, tgt, ref_labels, ref_tracks)
+            losses["loss_edge"] = edge_loss(logits[edge_ids], labels, all_logits=logits)
+        losses.update(association_losses(outputs))  # loss_embed / loss_track_offset
 
         w, mw = self.weights, self.mask_weights
         l_det = losses["loss_center"] + losses["loss_size"] + losses["loss_offset"]
@@ -134,5 +147,10 @@ class VisSTGCriterion(nn.Module):
             + mw["warp"] * losses["loss_mask_warp"]
             + mw["ref"] * losses["loss_mask_ref"]
         )
-        losses["loss"] = w["det"] * l_det + w["mask"] * l_mask + w["edge"] * losses["loss_edge"]
+        l_assoc = sum(
+            w[key[5:]] * losses[key]
+            for key in ("loss_edge", *ASSOCIATION_LOSS_KEYS)
+            if key in losses
+        )
+        losses["loss"] = w["det"] * l_det + w["mask"] * l_mask + l_assoc
         return losses

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visstg.model.association import EmbeddingAssociation, OffsetAssociation, gather_connected
 from visstg.model.backbone import ResNetFPN
 from visstg.model.detection import (
     DEFAULT_SIZE_RANGES,
@@ -28,6 +29,7 @@ from visstg.model.detection import (
     decode_detections,
     gather_at_cells,
 )
+from visstg.model.fusion import ConcatFusion, box_features
 from visstg.model.gnn import SpatialTemporalGNN
 from visstg.model.graph import GraphBuilder
 from visstg.model.propagation import KernelWarp
@@ -65,17 +67,27 @@ class VisSTG(nn.Module):
         controller: ``Controller`` (169 dynamic parameters per location).
         mask_branch: ``MaskBranch`` (P3-P5 -> 8 channels at stride 8).
         kernel_warp: ``KernelWarp``; built when ``None`` and ``propagation`` is on.
-        edge_classifier: ``EdgeClassifier``.
+        edge_classifier: ``EdgeClassifier`` (kept for ``association="edge"`` only).
+        concat_fusion: ``ConcatFusion`` (kept for ``fusion="concat"`` only).
+        embedding_head: ``EmbeddingAssociation`` (kept for ``association="embedding"`` only).
+        offset_head: ``OffsetAssociation`` (kept for ``association="offset"`` only).
         dim: feature size D (only used to build defaults).
         strides, size_ranges, sizes_of_interest: per pyramid level.
         mask_feat_stride: stride of the mask-branch features (8); mask logits are upsampled by
             ``mask_upsample`` (2), so they come out at ``self.mask_stride`` = 8 / 2 = 4.
         mask_combine: inference mask logit when a reference exists: ``"mean"`` of M and M',
             ``"target"`` (M only) or ``"warp"`` (M' only).
-        fusion: ``"relation"`` (the GNN). ``"concat"`` and ``"none"`` are the paper's ablations
-            (not implemented yet).
-        association: ``"edge"`` (edge classifier). ``"embedding"``/``"offset"`` not implemented yet.
-        propagation: kernel warping on/off.
+        fusion: ``"relation"`` (the GNN on the graph), or the paper's ablations (Table 2,
+            :mod:`visstg.model.fusion`): ``"concat"`` (a convolution over the concatenated
+            target and reference maps) or ``"none"`` (the heads read the backbone maps).
+            ``graph`` and ``gnn`` are kept for ``"relation"`` only.
+        association: ``"edge"`` (edge classifier; needs ``fusion="relation"``), or the
+            ablations of :mod:`visstg.model.association`: ``"embedding"`` (MaskTrack R-CNN
+            style) or ``"offset"`` (CenterTrack style). Every one gives ``edge_scores``.
+        propagation: kernel warping on/off (off: no ``kernel_warp`` module at all).
+
+    Injected modules a variant does not use are dropped (set to None), so the network holds no
+    parameter that gets no gradient; the ones it needs and is not given are built at ``dim``.
         topk, nms_thresh, score_thresh: detection decoding.
     """
 
@@ -90,6 +102,9 @@ class VisSTG(nn.Module):
         mask_branch: nn.Module | None = None,
         kernel_warp: nn.Module | None = None,
         edge_classifier: nn.Module | None = None,
+        concat_fusion: nn.Module | None = None,
+        embedding_head: nn.Module | None = None,
+        offset_head: nn.Module | None = None,
         dim: int = 256,
         strides: Sequence[int] = DEFAULT_STRIDES,
         size_ranges: Sequence[Sequence[float]] = DEFAULT_SIZE_RANGES,
@@ -112,15 +127,11 @@ class VisSTG(nn.Module):
         ):
             if value not in allowed:
                 raise ValueError(f"VisSTG: {name} must be one of {allowed}, got {value!r}")
-        if fusion != "relation":
-            raise NotImplementedError(
-                f"VisSTG: fusion={fusion!r} (a paper ablation) is not implemented yet; "
-                "use model.fusion=relation"
-            )
-        if association != "edge":
-            raise NotImplementedError(
-                f"VisSTG: association={association!r} (a paper ablation) is not implemented yet; "
-                "use model.association=edge"
+        if association == "edge" and fusion != "relation":
+            raise ValueError(
+                f"VisSTG: association='edge' classifies the edges of the graph, which only "
+                f"fusion='relation' builds, but fusion={fusion!r}; use model.fusion=relation, "
+                "or model.association=embedding / offset with this fusion"
             )
         strides = tuple(int(s) for s in strides)
         if not len(strides) == len(size_ranges) == len(sizes_of_interest):
@@ -146,8 +157,14 @@ class VisSTG(nn.Module):
         self.timer = NULL_TIMER
 
         self.backbone = backbone if backbone is not None else ResNetFPN(50, dim)
-        self.graph = graph if graph is not None else GraphBuilder(dim, strides)
-        self.gnn = gnn if gnn is not None else SpatialTemporalGNN(dim)
+        relation = fusion == "relation"
+        self.graph = (
+            (graph if graph is not None else GraphBuilder(dim, strides)) if relation else None
+        )
+        self.gnn = (gnn if gnn is not None else SpatialTemporalGNN(dim)) if relation else None
+        self.concat_fusion = None
+        if fusion == "concat":
+            self.concat_fusion = concat_fusion if concat_fusion is not None else ConcatFusion(dim)
         self.det_head = det_head if det_head is not None else CenterNetHead(num_classes, dim, dim)
         self.controller = controller if controller is not None else Controller(dim, num_params, dim)
         self.mask_branch = mask_branch if mask_branch is not None else MaskBranch(dim)
@@ -157,8 +174,21 @@ class VisSTG(nn.Module):
             )
         else:
             self.kernel_warp = None
-        self.edge_classifier = (
-            edge_classifier if edge_classifier is not None else EdgeClassifier(dim)
+        self.edge_classifier = self.embedding_head = self.offset_head = None
+        if association == "edge":
+            self.edge_classifier = (
+                edge_classifier if edge_classifier is not None else EdgeClassifier(dim)
+            )
+        elif association == "embedding":
+            self.embedding_head = (
+                embedding_head if embedding_head is not None else EmbeddingAssociation(dim)
+            )
+        else:
+            self.offset_head = offset_head if offset_head is not None else OffsetAssociation(dim)
+        # Per-detection outputs the online tracker keeps per track and passes back as
+        # references["memory_<key>"] (visstg.tracker.InferenceModel).
+        self.track_state_keys: tuple[str, ...] = (
+            ("embeddings",) if association == "embedding" else ()
         )
 
     # ------------------------------------------------------------------ shared pieces
@@ -179,8 +209,38 @@ class VisSTG(nn.Module):
         )  # [N, h, w]
         return upsample_mask_logits(logits, self.mask_upsample)
 
-    def _fuse(self, graph) -> dict[str, Any]:
-        return self.gnn(graph)  # fusion == "relation"
+    def _fuse(self, graph, f_t: Sequence[Tensor], f_k: Sequence[Tensor]) -> dict[str, Any]:
+        """F^_t (``maps``) and, for ``"relation"``, the final edge features (``edge_attr``)."""
+        if self.fusion == "relation":
+            return self.gnn(graph)
+        if self.fusion == "concat":
+            return {"maps": self.concat_fusion(f_t, f_k)}
+        return {"maps": list(f_t)}  # "none": the backbone maps themselves
+
+    def _encode(self, feats: Sequence[Tensor], boxes: Tensor) -> Tensor:
+        """Node features ``[N, L, D]`` of boxes on one image's maps (ROIAlign + encoder with a
+        graph, else parameter-free box means)."""
+        if self.graph is not None:
+            return self.graph.encode_reference(feats, [boxes])
+        return box_features(feats, boxes, self.strides)
+
+    def _association_train(
+        self, maps: Sequence[Tensor], f_k: Sequence[Tensor], tgt, ref
+    ) -> dict[str, Tensor]:
+        """Raw outputs of the ablation association heads at the ground-truth centres."""
+        if self.embedding_head is not None:
+            # Reference embeddings come from the reference frame's own (unfused) maps, what a
+            # first frame gives at inference.
+            e_t = self.embedding_head(maps)  # L x [B, E, H_l, W_l]
+            e_k = self.embedding_head(f_k)
+            return {
+                "embeddings_tgt": gather_connected(e_t, tgt.batch, tgt.level, tgt.cell),  # [N, E]
+                "embeddings_ref": gather_connected(e_k, ref.batch, ref.level, ref.cell),  # [M, E]
+            }
+        if self.offset_head is not None:
+            off = self.offset_head(maps, f_k)  # L x [B, 2, H_l, W_l]
+            return {"track_offsets": gather_connected(off, tgt.batch, tgt.level, tgt.cell)}
+        return {}
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -197,7 +257,9 @@ class VisSTG(nn.Module):
             - ``mask_logits [N, H/4, W/4]``: M, target kernels at the target GT centres
             - ``mask_warp_logits [N, H/4, W/4]``: M', warped reference kernels (None if off)
             - ``ref_mask_logits [M, H/4, W/4]``: reference kernels at reference GT centres
-            - ``edge_logits [E]``, ``graph`` (the cross-frame ``Data``)
+            - ``edge_logits [E]``, ``graph`` (the cross-frame ``Data``); None without them
+            - ``embeddings_tgt [N, E]`` / ``embeddings_ref [M, E]`` (association "embedding") or
+              ``track_offsets [N, 2]`` (association "offset", cells), at the GT centres
             - ``kernel_maps``: the 169-channel maps (theta_t, theta_k, theta_warp) for keeping
               every head in the autograd graph when there is no instance
             - ``level_shapes``, ``strides``, ``num_classes``, ``batch_size``
@@ -210,18 +272,22 @@ class VisSTG(nn.Module):
         level_shapes = [tuple(f.shape[-2:]) for f in f_t]
 
         ref_targets, tgt_targets = batch["ref_targets"], batch["tgt_targets"]
-        graph = self.graph(f_k, [t["boxes"].float() for t in ref_targets], f_t)
-        fused = self._fuse(graph)
+        graph = None  # fusion "relation" only
+        if self.graph is not None:
+            graph = self.graph(f_k, [t["boxes"].float() for t in ref_targets], f_t)
+        fused = self._fuse(graph, f_t, f_k)
         maps = fused["maps"]  # F^_t, L x [B, D, H_l, W_l]
 
         det = self.det_head(maps)
         tgt = assign_targets(tgt_targets, level_shapes, self.strides, self.size_ranges)
         ref = assign_targets(ref_targets, level_shapes, self.strides, self.size_ranges)
 
-        theta_t = self.controller(maps)  # L x [B, 169, H_l, W_l]
-        theta_k = self.controller(f_k)
-        mask_feats_t = self.mask_branch(maps)  # [B, 8, H/8, W/8]
-        mask_feats_k = self.mask_branch(f_k)
+        # Controller and mask branch see both frames in one call per level (heads are per-sample
+        # maps, so this equals two calls; half the small-conv overhead on CPU).
+        both = [torch.cat([m, f]) for m, f in zip(maps, f_k)]  # L x [2B, D, H_l, W_l]
+        theta_t, theta_k = zip(*(t.split(b) for t in self.controller(both)))
+        theta_t, theta_k = list(theta_t), list(theta_k)  # L x [B, 169, H_l, W_l] each
+        mask_feats_t, mask_feats_k = self.mask_branch(both).split(b)  # [B, 8, H/8, W/8] each
         mask_logits = self._masks_at(
             mask_feats_t, theta_t, tgt.batch, tgt.level, tgt.cell, tgt.centers
         )
@@ -236,8 +302,11 @@ class VisSTG(nn.Module):
             mask_warp_logits = self._masks_at(
                 mask_feats_t, theta_warp, tgt.batch, tgt.level, tgt.cell, tgt.centers
             )
-        edge_logits = self.edge_classifier(fused["edge_attr"])  # [E]
+        edge_logits = None  # association "edge" only
+        if self.edge_classifier is not None:
+            edge_logits = self.edge_classifier(fused["edge_attr"])  # [E]
         return {
+            **self._association_train(maps, f_k, tgt, ref),
             "det": det,
             "tgt_assignment": tgt,
             "ref_assignment": ref,
@@ -309,7 +378,7 @@ class VisSTG(nn.Module):
                 boxes = references.get("boxes")
                 if boxes is not None and len(boxes):
                     boxes = boxes.to(device).float()
-                    nodes.append(self.graph.encode_reference(state["feats"], [boxes]))  # [A, L, D]
+                    nodes.append(self._encode(state["feats"], boxes))  # [A, L, D]
                     centers.append((boxes[:, :2] + boxes[:, 2:]) / 2)
                     labels.append(references["labels"].to(device).long())
                 mem = references.get("memory_nodes")
@@ -324,9 +393,14 @@ class VisSTG(nn.Module):
             )
             num_refs = ref_nodes.shape[0]
             ref_batch = torch.zeros(num_refs, dtype=torch.long, device=device)
-            graph = self.graph.build_graph(ref_nodes, ref_centers, ref_batch, f_t)
+            graph = None
+            if self.graph is not None:
+                graph = self.graph.build_graph(ref_nodes, ref_centers, ref_batch, f_t)
+        # The reference frame's maps for concat fusion and the offset head (the frame itself
+        # on the first frame, where there is no track to associate with anyway).
+        f_prev = state["feats"] if state is not None else f_t
         with timer.stage("gnn"):
-            fused = self._fuse(graph)
+            fused = self._fuse(graph, f_t, f_prev)
             maps = fused["maps"]
         with timer.stage("detection"):
             det = self.det_head(maps)
@@ -356,17 +430,25 @@ class VisSTG(nn.Module):
             kernels_out = gather_at_cells(theta_t, *args[:3])  # [n, 169]
             # theta for the next frame's warp: controller on the (unfused) maps, as theta_k in
             # training, so warping sees the same kind of kernels at test time.
-            kernels = theta_t if graph.edge_index.shape[1] == 0 else self.controller(f_t)
+            plain = graph.edge_index.shape[1] == 0 if graph is not None else maps[0] is f_t[0]
+            kernels = theta_t if plain else self.controller(f_t)
 
         with timer.stage("association"):
-            edge_logits = self.edge_classifier(fused["edge_attr"])  # [E]
-            edge_scores = edge_scores_for_detections(
-                graph, edge_logits, dets["levels"], det_batch, dets["cells"], dets["labels"],
-                ref_labels, num_refs,
-            )  # fmt: skip
-            node_features = self.graph.encode_reference(f_t, [dets["boxes"]])  # [n, L, D]
+            extra: dict[str, Tensor] = {}
+            if self.edge_classifier is not None:
+                edge_logits = self.edge_classifier(fused["edge_attr"])  # [E]
+                edge_scores = edge_scores_for_detections(
+                    graph, edge_logits, dets["levels"], det_batch, dets["cells"], dets["labels"],
+                    ref_labels, num_refs,
+                )  # fmt: skip
+            else:
+                edge_scores, extra = self._association_scores(
+                    maps, f_prev, dets, det_batch, det_centers, references, ref_centers, ref_labels
+                )
+            node_features = self._encode(f_t, dets["boxes"])  # [n, L, D]
         outputs = {
             **dets,
+            **extra,
             "masks": masks,
             "edge_scores": edge_scores,
             "node_features": node_features,
@@ -374,6 +456,47 @@ class VisSTG(nn.Module):
         }
         new_state = {"feats": f_t, "kernels": kernels if self.kernel_warp is not None else None}
         return outputs, new_state
+
+    def _association_scores(
+        self,
+        maps: Sequence[Tensor],
+        f_prev: Sequence[Tensor],
+        dets: dict[str, Tensor],
+        det_batch: Tensor,
+        det_centers: Tensor,
+        references: dict[str, Tensor] | None,
+        ref_centers: Tensor,
+        ref_labels: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``edge_scores [R, Dn]`` of the ablation associations, plus their per-detection
+        outputs (``embeddings [Dn, E]`` / ``displacements [Dn, 2]`` input px)."""
+        num_refs = ref_labels.numel()
+        args = (det_batch, dets["levels"], dets["cells"])
+        ref_boxes = _reference_boxes(references, num_refs, ref_centers)  # [R, 4]
+        if self.embedding_head is not None:
+            emb = gather_at_cells(self.embedding_head(maps), *args).float()  # [Dn, E]
+            ref_emb = emb.new_zeros(0, emb.shape[1])
+            if num_refs:
+                ref_emb = (references or {}).get("memory_embeddings")
+                if ref_emb is None or ref_emb.shape[0] != num_refs:
+                    raise ValueError(
+                        "VisSTG.inference_step: association='embedding' needs "
+                        "references['memory_embeddings'] [R, E] for every reference (the "
+                        "OnlineTracker passes them: the model's track_state_keys); got "
+                        f"{None if ref_emb is None else tuple(ref_emb.shape)} for {num_refs}"
+                    )
+            scores = self.embedding_head.scores(
+                emb, ref_emb.to(emb), dets["boxes"], ref_boxes, dets["labels"], ref_labels
+            )
+            return scores, {"embeddings": emb}
+        off = gather_at_cells(self.offset_head(maps, f_prev), *args).float()  # [Dn, 2] cells
+        stride = torch.tensor(self.strides, device=off.device, dtype=off.dtype)[dets["levels"]]
+        disp = off * stride[:, None]  # [Dn, 2] input px, to the previous frame
+        scores = self.offset_head.scores(
+            det_centers.float() + disp, dets["boxes"], ref_centers, ref_boxes, dets["labels"],
+            ref_labels,
+        )  # fmt: skip
+        return scores, {"displacements": disp}
 
     @staticmethod
     def _with_memory_kernels(
@@ -395,3 +518,23 @@ class VisSTG(nn.Module):
             k[0][:, ys, xs] = mk[sel].to(k).t()  # [169, n] <- [n, 169]
             kernels[lvl] = k
         return kernels
+
+
+def _reference_boxes(
+    references: dict[str, Tensor] | None, num_refs: int, ref_centers: Tensor
+) -> Tensor:
+    """Last boxes ``[R, 4]`` of the references, in the graph's order (``boxes`` of the active
+    tracks, then ``memory_boxes``)."""
+    if num_refs == 0:
+        return ref_centers.new_zeros(0, 4)
+    refs = references or {}
+    parts = [refs[k] for k in ("boxes", "memory_boxes") if refs.get(k) is not None]
+    boxes = torch.cat([b.to(ref_centers).reshape(-1, 4) for b in parts]) if parts else None
+    if boxes is None or boxes.shape[0] != num_refs:
+        raise ValueError(
+            "VisSTG.inference_step: the embedding and offset associations need every "
+            "reference's last box (references['boxes'] and references['memory_boxes'], which "
+            f"the OnlineTracker passes); got {0 if boxes is None else boxes.shape[0]} boxes "
+            f"for {num_refs} references"
+        )
+    return boxes
