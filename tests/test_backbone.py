@@ -79,3 +79,24 @@ def test_bad_arguments():
         ResNetFPN(depth=42)
     with pytest.raises(ValueError, match="norm"):
         ResNetFPN(depth=18, norm="group")
+
+
+def test_resnet10_is_resnet18_with_one_block_per_stage():
+    net = ResNetFPN(depth=10, out_channels=16, weights=None).eval()
+    body = net.fpn.body
+    assert [len(getattr(body, f"layer{i}")) for i in range(2, 5)] == [1, 1, 1]
+    with torch.no_grad():
+        feats = net(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
+    with pytest.raises(WeightsError, match="no ImageNet weights"):
+        ResNetFPN(depth=10, weights="imagenet")
+
+
+def test_three_levels_drop_p6_p7():
+    net = ResNetFPN(depth=10, out_channels=16, weights=None, num_levels=3).eval()
+    assert net.strides == (8, 16, 32)
+    with torch.no_grad():
+        feats = net(torch.randn(1, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [(1, 16, 8, 12), (1, 16, 4, 6), (1, 16, 2, 3)]
+    with pytest.raises(ValueError, match="num_levels"):
+        ResNetFPN(depth=10, num_levels=4)

@@ -32,6 +32,20 @@ def test_mask_branch_stride_8_output():
         mb(feats[:2])
 
 
+def test_controller_and_mask_branch_groupnorm_option():
+    ctrl = Controller(in_channels=16, feat_channels=24, num_convs=2, norm=True)
+    gns = [m for m in ctrl.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(gns) == 2 and gns[0].num_groups == 8  # gcd(32, 24): any width works
+    assert ctrl([torch.randn(2, 16, 6, 5)])[0].shape == (2, 169, 6, 5)
+    mb = MaskBranch(in_channels=16, channels=8, out_channels=8, num_convs=2, norm=True)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in mb.modules()) == 3 + 2
+    feats = [torch.randn(2, 16, 8, 12), torch.randn(2, 16, 4, 6), torch.randn(2, 16, 2, 3)]
+    out = mb(feats)
+    assert out.shape == (2, 8, 8, 12) and torch.isfinite(out).all()
+    plain = Controller(in_channels=16, feat_channels=8, num_convs=2)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules())
+
+
 def test_parse_dynamic_params_layout_and_error():
     params = torch.arange(2 * 169, dtype=torch.float32).reshape(2, 169)
     weights, biases = parse_dynamic_params(params)

@@ -17,9 +17,19 @@ from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
+
+
+def _resnet10(weights=None, **kwargs) -> resnet.ResNet:
+    """ResNet-10: ResNet-18's stages with one BasicBlock each (half its FLOPs). No published
+    ImageNet weights; meant for small from-scratch runs (the synthetic default on 2 CPU cores)."""
+    if weights is not None:
+        raise ValueError("resnet10 has no pretrained weights")
+    return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
+
 
 _RESNETS = {
+    10: (_resnet10, None),
     18: (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
     34: (resnet.resnet34, resnet.ResNet34_Weights.IMAGENET1K_V1),
     50: (resnet.resnet50, resnet.ResNet50_Weights.IMAGENET1K_V1),
@@ -34,6 +44,11 @@ class WeightsError(RuntimeError):
 
 def _download_imagenet_state_dict(depth: int) -> dict[str, Tensor]:
     """torchvision's ImageNet weights for ``resnet{depth}`` (from the torch hub cache or the web)."""
+    if _RESNETS[depth][1] is None:
+        raise WeightsError(
+            f"resnet{depth} has no ImageNet weights; use model.backbone.weights=null "
+            "(random init) or a deeper ResNet"
+        )
     url = _RESNETS[depth][1].url
     try:
         return torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
@@ -74,6 +89,13 @@ def _load_local_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     return state
 
 
+class _NoExtraLevels(ExtraFPNBlock):
+    """No pyramid level beyond P5 (``BackboneWithFPN`` would add a max-pooled one otherwise)."""
+
+    def forward(self, results, x, names):
+        return results, names
+
+
 class ResNetFPN(nn.Module):
     """torchvision ResNet with a feature pyramid P3-P7.
 
@@ -82,7 +104,8 @@ class ResNetFPN(nn.Module):
     independent of the ResNet depth.
 
     Args:
-        depth: 18, 34, 50 or 101.
+        depth: 10 (ResNet-18 with one block per stage, no ImageNet weights), 18, 34, 50 or
+            101.
         out_channels: channels of every pyramid level (the paper's D = 256).
         weights: ``None`` (random init), ``"imagenet"`` (torchvision's IMAGENET1K_V1, downloaded
             when online) or the path of a torchvision-format ResNet state dict (``fc.*`` ignored).
@@ -90,13 +113,14 @@ class ResNetFPN(nn.Module):
             torchvision's ``resnet_fpn_backbone``; 5 also trains the stem). The FPN always trains.
         norm: ``"frozen_bn"`` (batch statistics and affine frozen, the detection default) or
             ``"bn"``.
+        num_levels: 5 (P3-P7, the paper) or 3 (P3-P5: no P6/P7, for small inputs whose objects
+            never reach the P6/P7 size ranges; every head then runs on 3 levels only).
 
     Shapes:
         input ``[N, 3, H, W]`` (ImageNet-normalised) -> list of 5 tensors
-        ``[N, out_channels, ceil(H / s), ceil(W / s)]`` for ``s`` in ``strides``.
+        ``[N, out_channels, ceil(H / s), ceil(W / s)]`` for ``s`` in ``strides``
+        (``num_levels`` tensors).
     """
-
-    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
 
     def __init__(
         self,
@@ -105,8 +129,12 @@ class ResNetFPN(nn.Module):
         weights: str | os.PathLike | None = None,
         trainable_layers: int = 3,
         norm: str = "frozen_bn",
+        num_levels: int = 5,
     ) -> None:
         super().__init__()
+        if num_levels not in (3, 5):
+            raise ValueError(f"num_levels must be 3 (P3-P5) or 5 (P3-P7), got {num_levels}")
+        self.strides: tuple[int, ...] = (8, 16, 32, 64, 128)[:num_levels]
         if depth not in _RESNETS:
             raise ValueError(f"ResNet depth must be one of {sorted(_RESNETS)}, got {depth}")
         if norm not in _NORMS:
@@ -139,7 +167,9 @@ class ResNetFPN(nn.Module):
             return_layers={"layer2": "c3", "layer3": "c4", "layer4": "c5"},
             in_channels_list=in_channels,
             out_channels=out_channels,
-            extra_blocks=LastLevelP6P7(out_channels, out_channels),
+            extra_blocks=(
+                LastLevelP6P7(out_channels, out_channels) if num_levels == 5 else _NoExtraLevels()
+            ),
         )
 
     @staticmethod
@@ -158,5 +188,5 @@ class ResNetFPN(nn.Module):
             raise WeightsError(f"backbone weights {source} do not fit resnet: {exc}") from exc
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        feats = self.fpn(images)  # OrderedDict c3, c4, c5, p6, p7
-        return list(feats.values())  # 5 x [N, C, H_l, W_l]
+        feats = self.fpn(images)  # OrderedDict c3, c4, c5(, p6, p7)
+        return list(feats.values())  # num_levels x [N, C, H_l, W_l]

@@ -50,7 +50,7 @@ def _branch(in_channels: int, feat_channels: int, out_channels: int, num_convs: 
     for _ in range(num_convs - 1):
         layers.append(nn.Conv2d(c, feat_channels, 3, padding=1, bias=not norm))
         if norm:
-            layers.append(nn.GroupNorm(32, feat_channels))
+            layers.append(nn.GroupNorm(math.gcd(32, feat_channels), feat_channels))
         layers.append(nn.ReLU(inplace=True))
         c = feat_channels
     layers.append(nn.Conv2d(c, out_channels, 1))
@@ -69,7 +69,8 @@ class CenterNetHead(nn.Module):
         feat_channels: hidden channels of each branch.
         num_convs: conv layers per branch (>= 1).
         prior_bias: initial bias of the heatmap logits (-2.19 = sigmoid^-1(0.1), CenterNet).
-        norm: use GroupNorm(32) after each hidden conv.
+        norm: use GroupNorm (32 groups, fewer when the width is not a multiple) after each hidden
+            conv.
 
     Shapes:
         input: list over levels of ``[B, in_channels, H_l, W_l]``.

@@ -18,6 +18,7 @@ Coordinate conventions (consistent with :mod:`visstg.model.detection`):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +48,14 @@ def num_dynamic_params(in_channels: int = 10, channels: int = 8, num_layers: int
     return sum(i * o + o for i, o in zip(dims[:-1], dims[1:]))
 
 
+def _conv_norm_relu(in_channels: int, out_channels: int, norm: bool) -> list[nn.Module]:
+    """3x3 conv (+ GroupNorm, at most 32 groups) + ReLU."""
+    layers: list[nn.Module] = [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=not norm)]
+    if norm:
+        layers.append(nn.GroupNorm(math.gcd(32, out_channels), out_channels))
+    return layers + [nn.ReLU(inplace=True)]
+
+
 class Controller(nn.Module):
     """Conv head shared across levels predicting the dynamic mask-head parameters.
 
@@ -55,6 +64,9 @@ class Controller(nn.Module):
         num_params: parameters per location (169 for the default dynamic FCN).
         feat_channels: hidden channels.
         num_convs: hidden 3x3 conv + ReLU layers before the 3x3 output conv.
+        norm: GroupNorm after each hidden conv. Off by default (paper setup); the small
+            from-scratch default turns it on so the cubic dynamic head's parameters stay bounded
+            under Adam-style optimisers.
 
     Shapes:
         input: list over levels of ``[B, in_channels, H_l, W_l]``.
@@ -67,19 +79,21 @@ class Controller(nn.Module):
         num_params: int = 169,
         feat_channels: int = 256,
         num_convs: int = 2,
+        norm: bool = False,
     ):
         super().__init__()
         layers: list[nn.Module] = []
         c = in_channels
         for _ in range(num_convs):
-            layers += [nn.Conv2d(c, feat_channels, 3, padding=1), nn.ReLU(inplace=True)]
+            layers += _conv_norm_relu(c, feat_channels, norm)
             c = feat_channels
         self.tower = nn.Sequential(*layers)
         self.out = nn.Conv2d(c, num_params, 3, padding=1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, std=0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
         return [self.out(self.tower(f)) for f in feats]  # [B, num_params, H_l, W_l]
@@ -90,7 +104,8 @@ class MaskBranch(nn.Module):
 
     Each of the first ``num_levels`` levels gets a 3x3 conv (``in_channels -> channels``) + ReLU;
     coarser levels are upsampled (bilinear) to P3's size and summed; then ``num_convs`` 3x3 conv
-    + ReLU layers and a 1x1 conv to ``out_channels``.
+    + ReLU layers and a 1x1 conv to ``out_channels``. ``norm`` adds GroupNorm after every 3x3
+    conv (CondInst normalises its mask branch; off by default, the paper does not say).
 
     Shapes:
         input: list over levels of ``[B, in_channels, H_l, W_l]`` (at least ``num_levels``).
@@ -104,22 +119,23 @@ class MaskBranch(nn.Module):
         out_channels: int = 8,
         num_convs: int = 4,
         num_levels: int = 3,
+        norm: bool = False,
     ):
         super().__init__()
         self.num_levels = num_levels
         self.refine = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels, channels, 3, padding=1), nn.ReLU(inplace=True))
-            for _ in range(num_levels)
+            nn.Sequential(*_conv_norm_relu(in_channels, channels, norm)) for _ in range(num_levels)
         )
         tower: list[nn.Module] = []
         for _ in range(num_convs):
-            tower += [nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True)]
+            tower += _conv_norm_relu(channels, channels, norm)
         tower.append(nn.Conv2d(channels, out_channels, 1))
         self.tower = nn.Sequential(*tower)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         if len(feats) < self.num_levels:
