@@ -23,14 +23,11 @@ from pathlib import Path
 
 
 def write_checkpoint(path: Path, detections: int) -> None:
-    import hydra
-    import torch
-    from omegaconf import OmegaConf
+    """An untrained default-config checkpoint whose every detection continues a track."""
+    from visstg.inference import save_untrained_checkpoint
 
-    from visstg.config import compose, resolved
-
-    cfg = compose(
-        "train",
+    save_untrained_checkpoint(
+        path,
         [
             "logger=none",
             f"model.topk={detections}",
@@ -39,18 +36,6 @@ def write_checkpoint(path: Path, detections: int) -> None:
             "tracker.new_track_threshold=0.0",
             "tracker.match_threshold=0.0",
         ],
-    )
-    config = resolved(cfg)
-    torch.manual_seed(0)
-    net = hydra.utils.instantiate(OmegaConf.create(config["model"]))
-    names = config["data"]["class_names"]
-    torch.save(
-        {
-            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-            "visstg_config": config,
-            "visstg_categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
-        },
-        path,
     )
 
 

