@@ -1,0 +1,49 @@
+"""The small from-scratch default (synthetic data, 2 CPU cores) and the paper's r50 setup stay
+distinct: what the default tunes for speed must not leak into +experiment=r50."""
+
+from __future__ import annotations
+
+import hydra
+import torch
+
+from visstg.config import compose, resolved
+
+
+def test_default_is_the_small_three_level_model_with_adamw() -> None:
+    cfg = resolved(compose("train", []))
+    model = cfg["model"]
+    assert model["backbone"]["depth"] == 10 and model["backbone"]["num_levels"] == 3
+    n = len(model["strides"])
+    assert n == 3 == len(model["size_ranges"]) == len(model["sizes_of_interest"])
+    assert len(model["graph"]["windows"]) == n
+    assert cfg["optimizer"]["_target_"] == "torch.optim.AdamW"
+    assert model["controller"]["norm"] and model["mask_branch"]["norm"]
+    assert cfg["trainer"]["gradient_clip_val"] > 0
+    # The generator block is untouched: the dataset is not made easier.
+    assert cfg["data"]["synthetic"] == {
+        "train_videos": 64, "val_videos": 16, "seed": 0, "height": 192, "width": 320,
+    }  # fmt: skip
+
+
+def test_default_model_builds_and_outputs_three_levels() -> None:
+    cfg = compose("train", ["model.dim=16"])
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    net = hydra.utils.instantiate(cfg.model).eval()
+    with torch.no_grad():
+        feats = net.backbone(torch.randn(1, 3, 64, 96))
+    assert len(feats) == len(net.strides) == 3
+
+
+def test_r50_keeps_the_paper_setup() -> None:
+    cfg = resolved(compose("train", ["+experiment=r50"]))
+    model = cfg["model"]
+    assert cfg["optimizer"]["_target_"] == "visstg.lit.scaled_sgd"
+    assert cfg["optimizer"]["lr"] == 0.01 and cfg["optimizer"]["reference_batch_size"] == 16
+    assert cfg["scheduler"]["milestones"] == [16, 22] and cfg["trainer"]["max_epochs"] == 24
+    assert model["backbone"]["depth"] == 50 and model["backbone"].get("num_levels", 5) == 5
+    assert model["strides"] == [8, 16, 32, 64, 128] and model["dim"] == 256
+    assert not (model["det_head"]["norm"] or model["controller"]["norm"])
+    assert not model["mask_branch"]["norm"]
+    assert cfg["trainer"]["gradient_clip_val"] is None
