@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from torch import nn
 
+from visstg.model.detection import gather_at_cells
 from visstg.model.propagation import KernelWarp
 
 
@@ -62,3 +64,49 @@ def test_level_count_mismatch_is_an_error():
     theta, f_t, f_k = _inputs()
     with pytest.raises(ValueError, match="levels"):
         warp(theta, f_t[:1], f_k)
+
+
+def test_warp_at_equals_the_full_warp_read_at_cells_values_and_gradients():
+    torch.manual_seed(0)
+    warp = KernelWarp(in_channels=4, num_params=6, hidden=4).double()
+    # Offsets of a few cells, some reaching outside the map; a non-identity depthwise weight.
+    for m in warp.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, std=0.5)
+    nn.init.normal_(warp.weight, std=0.5)
+    shapes = [(5, 7), (3, 4), (1, 2)]
+    theta = [torch.randn(2, 6, h, w, dtype=torch.double, requires_grad=True) for h, w in shapes]
+    f_t = [torch.randn(2, 4, h, w, dtype=torch.double, requires_grad=True) for h, w in shapes]
+    f_k = [torch.randn(2, 4, h, w, dtype=torch.double) for h, w in shapes]
+    # Several instances per image and level (more than a row holds), corners, an empty level.
+    batch = torch.tensor([0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    level = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+    cell = torch.tensor(
+        [[0, 0], [4, 6], [2, 3], [4, 0], [2, 3], [0, 0], [1, 1], [2, 0], [1, 1], [3, 5],
+         [0, 6], [2, 2], [1, 4], [3, 3], [4, 4], [0, 3]]
+    )  # fmt: skip
+    full = gather_at_cells(warp(theta, f_t, f_k), batch, level, cell)
+    fast = warp.warp_at(theta, f_t, f_k, batch, level, cell)
+    assert fast.shape == (16, 6)
+    torch.testing.assert_close(fast, full)
+    g = torch.randn_like(full)
+    params = [*theta, *f_t, *warp.parameters()]
+    grads_full = torch.autograd.grad((full * g).sum(), params, allow_unused=True)
+    grads_fast = torch.autograd.grad((fast * g).sum(), params, allow_unused=True)
+    for a, b in zip(grads_full, grads_fast):
+        if a is None:
+            assert b is None or not b.any()
+        else:
+            torch.testing.assert_close(b, a)
+
+
+def test_warp_at_without_instances_stays_in_the_graph():
+    warp = KernelWarp(in_channels=4, num_params=6, hidden=4)
+    theta = [torch.randn(1, 6, 3, 3, requires_grad=True)]
+    feats = [torch.randn(1, 4, 3, 3)]
+    empty = torch.zeros(0, dtype=torch.long)
+    out = warp.warp_at(theta, feats, feats, empty, empty, torch.zeros(0, 2, dtype=torch.long))
+    assert out.shape == (0, 6)
+    out.sum().backward()
+    assert theta[0].grad is not None and warp.offset_out.weight.grad is not None
+    assert warp.weight.grad is not None

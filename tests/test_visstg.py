@@ -230,8 +230,9 @@ def test_default_config_builds_the_small_model_and_trains_a_step():
     net = hydra.utils.instantiate(cfg.model)
     criterion = hydra.utils.instantiate(cfg.criterion)
     assert isinstance(net, VisSTG) and len(net.gnn.layers) == 2
-    assert net.backbone.depth == 18 and net.num_classes == cfg.data.num_classes
-    assert net.size_ranges[-1] == (256.0, math.inf)
+    # The CPU default: ResNet-10 with P3-P5 (conf/backbone/resnet10.yaml).
+    assert net.backbone.depth == 10 and net.num_classes == cfg.data.num_classes
+    assert len(net.strides) == 3 and net.size_ranges[-1] == (64.0, math.inf)
     batch = pair_batch()
     for t in batch["ref_targets"] + batch["tgt_targets"]:
         t["labels"] = t["labels"] % net.num_classes

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
@@ -91,3 +92,58 @@ class KernelWarp(nn.Module):
                 f"{len(f_k)} reference feature levels; they must match"
             )
         return [self.warp(th, self.offsets(ft, fk)) for th, ft, fk in zip(theta_k, f_t, f_k)]
+
+    def warp_at(
+        self,
+        theta_k: Sequence[Tensor],
+        f_t: Sequence[Tensor],
+        f_k: Sequence[Tensor],
+        batch: Tensor,
+        level: Tensor,
+        cell: Tensor,
+    ) -> Tensor:
+        """``forward`` read only at some cells: ``[N, num_params]``, equal (values and gradients)
+        to ``gather_at_cells(self(theta_k, f_t, f_k), batch, level, cell)``.
+
+        Training reads theta_warp only at the target instances' centre cells, so the deformable
+        conv (whose CPU backward is most of a training step when run over every location) runs
+        on a ``1 x M`` output grid per image instead (M: most instances of an image on a level).
+        It is the same ``deform_conv2d``: output column ``j`` of image ``b`` stands for cell
+        ``(y, x)``, which moves into its offsets. With stride 1 and padding ``p = k // 2``, tap
+        ``(i, j')`` of cell ``(y, x)`` samples ``(y - p + i + dy, x - p + j' + dx)``; on the
+        compact grid (stride ``(H', 1)``, no padding) it samples ``(i + dy', j + j' + dx')``, so
+        ``dy' = dy + y - p`` and ``dx' = dx + x - p - j``. The input is zero-padded on the
+        bottom/right only to make the grid fit; ``deform_conv2d`` samples outside the input as
+        zero, so those zeros change no value and no gradient.
+
+        Args:
+            theta_k, f_t, f_k: as for ``forward`` (lists over levels).
+            batch: ``[N]`` image, level: ``[N]`` pyramid level, cell: ``[N, 2]`` (y, x).
+        """
+        k, pad = self.kernel_size, self.kernel_size // 2
+        num_params = theta_k[0].shape[1]
+        out = theta_k[0].new_zeros(batch.numel(), num_params)
+        for lvl, (th, ft, fk) in enumerate(zip(theta_k, f_t, f_k)):
+            offsets = self.offsets(ft, fk)  # [B, 2*k*k, H, W], always in the autograd graph
+            idx = (level == lvl).nonzero().squeeze(1)  # [n]
+            if idx.numel() == 0:
+                out = out + (offsets.sum() + th.sum() + self.weight.sum()) * 0
+                continue
+            b, cy, cx = batch[idx], cell[idx, 0], cell[idx, 1]
+            # Column of each instance on its image's compact grid: its rank within the image.
+            seen = F.one_hot(b, th.shape[0]).cumsum(0) - 1  # [n, B]
+            col = seen.gather(1, b[:, None]).squeeze(1)  # [n]
+            m = int(col.max()) + 1
+            h, w = th.shape[-2:]
+            th_pad = F.pad(th, (0, max(0, m + k - 1 - w), 0, max(0, k - h)))  # [B, P, H', W']
+            hp, wp = th_pad.shape[-2:]
+            off = offsets[b, :, cy, cx]  # [n, 2*k*k] (dy, dx) per tap
+            shift = torch.stack([cy - pad, cx - pad - col], dim=1).to(off.dtype)  # [n, 2]
+            off = off + shift.repeat(1, k * k)  # [n, 2*k*k]
+            grid = off.new_zeros(th.shape[0], 2 * k * k, 1, wp - k + 1)  # [B, 2kk, 1, W'-k+1]
+            grid[b, :, 0, col] = off
+            warped = deform_conv2d(
+                th_pad, grid.to(th.dtype), self.weight.to(th.dtype), stride=(hp, 1)
+            )  # [B, P, 1, W'-k+1]
+            out = out.index_put((idx,), warped[b, :, 0, col])  # [n, P]
+        return out

@@ -204,6 +204,12 @@ class VisSTG(nn.Module):
         params = gather_at_cells(kernel_maps, batch, level, cell)  # [N, 169]
         if params.shape[0] == 0:  # keep the kernel maps in the autograd graph
             params = params + sum(k.sum() for k in kernel_maps) * 0
+        return self._masks_from_params(mask_feats, params, batch, level, centers)
+
+    def _masks_from_params(
+        self, mask_feats: Tensor, params: Tensor, batch: Tensor, level: Tensor, centers: Tensor
+    ) -> Tensor:
+        """Dynamic-head mask logits of instances with kernels ``params [N, 169]``."""
         logits = dynamic_mask_head(
             mask_feats, params, batch, centers, self._soi(level), self.mask_feat_stride
         )  # [N, h, w]
@@ -260,8 +266,9 @@ class VisSTG(nn.Module):
             - ``edge_logits [E]``, ``graph`` (the cross-frame ``Data``); None without them
             - ``embeddings_tgt [N, E]`` / ``embeddings_ref [M, E]`` (association "embedding") or
               ``track_offsets [N, 2]`` (association "offset", cells), at the GT centres
-            - ``kernel_maps``: the 169-channel maps (theta_t, theta_k, theta_warp) for keeping
-              every head in the autograd graph when there is no instance
+            - ``kernel_maps``: the 169-channel maps (theta_t, theta_k) for keeping every head
+              in the autograd graph when there is no instance (theta_warp is only computed at
+              the target centres, ``KernelWarp.warp_at``)
             - ``level_shapes``, ``strides``, ``num_classes``, ``batch_size``
         """
         ref_images, tgt_images = batch["ref_images"], batch["tgt_images"]
@@ -297,10 +304,13 @@ class VisSTG(nn.Module):
         kernel_maps = {"theta_t": theta_t, "theta_k": theta_k}
         mask_warp_logits = None
         if self.kernel_warp is not None:
-            theta_warp = self.kernel_warp(theta_k, f_t, f_k)  # L x [B, 169, H_l, W_l]
-            kernel_maps["theta_warp"] = theta_warp
-            mask_warp_logits = self._masks_at(
-                mask_feats_t, theta_warp, tgt.batch, tgt.level, tgt.cell, tgt.centers
+            # theta_warp read at the target centres only (KernelWarp.warp_at: the same
+            # deform_conv2d, values and gradients, without warping every other location).
+            params_warp = self.kernel_warp.warp_at(
+                theta_k, f_t, f_k, tgt.batch, tgt.level, tgt.cell
+            )  # [N, 169]
+            mask_warp_logits = self._masks_from_params(
+                mask_feats_t, params_warp, tgt.batch, tgt.level, tgt.centers
             )
         edge_logits = None  # association "edge" only
         if self.edge_classifier is not None:
