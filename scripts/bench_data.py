@@ -34,7 +34,6 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = compose("train", ["logger=none", *args.overrides])
     from hydra.core.hydra_config import HydraConfig
-
     from omegaconf import open_dict
 
     HydraConfig.instance().set_config(cfg)  # ${hydra:...} paths resolve against it

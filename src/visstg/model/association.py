@@ -53,6 +53,7 @@ def _groups(channels: int) -> int:
     has 2 values per group in training)."""
     return math.gcd(32, max(channels // 2, 1))
 
+
 def _conv_branch(
     in_channels: int, feat_channels: int, out_channels: int, num_convs: int, norm: bool
 ) -> nn.Sequential:

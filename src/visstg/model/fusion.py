@@ -25,6 +25,7 @@ def _groups(channels: int) -> int:
     has 2 values per group in training)."""
     return math.gcd(32, max(channels // 2, 1))
 
+
 class ConcatFusion(nn.Module):
     """Per-level fusion of the target maps with the reference frame's maps by convolution.
 
