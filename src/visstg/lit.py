@@ -163,7 +163,12 @@ class VisSTGModule(pl.LightningModule):
                 self.log(f"val/{key}", float(metrics[key]), prog_bar=key == "AP", batch_size=1)
         overlays = self.validator.overlays
         logger = self.logger
-        if overlays and logger is not None and hasattr(logger, "log_image") and self.global_rank == 0:
+        if (
+            overlays
+            and logger is not None
+            and hasattr(logger, "log_image")
+            and self.global_rank == 0
+        ):
             logger.log_image(key="val/overlay", images=list(overlays), step=self.global_step)
 
     def configure_optimizers(self) -> Any:
