@@ -150,3 +150,53 @@ def test_encode_masks_maps_back_to_original_resolution() -> None:
     ys, xs = np.nonzero(m)
     assert abs(ys.min() - 16) <= 3 and abs(ys.max() - 31) <= 3
     assert abs(xs.min() - 24) <= 3 and abs(xs.max() - 47) <= 3
+
+
+def test_results_reproducing_the_ground_truth_score_ap_one() -> None:
+    """Scripted detections equal to the ground truth (with an occlusion gap shorter than dt)
+    go through the tracker, the results writer and the evaluator: AP = AR = 1."""
+    from conftest import box_mask, rle
+    from visstg.eval import evaluate
+    from visstg.inference import results_for_video
+
+    class FullResolution(ScriptedModel):
+        mask_stride = 1  # masks at input resolution: no resampling in encode_masks
+
+        def inference_step(self, image, state=None, references=None, image_size=None):
+            out, state = super().inference_step(image, state, references, image_size)
+            out["masks"] = torch.stack(
+                [torch.from_numpy(box_mask(*map(int, b), h=H, w=W)).float() * 20 - 10 for b in out["boxes"]]
+            ) if len(out["boxes"]) else torch.zeros((0, H, W))  # fmt: skip
+            return out, state
+
+    length = 6
+    boxes = {0: lambda t: (2 + 2 * t, 4, 12 + 2 * t, 14), 1: lambda t: (30, 2 + t, 44, 16 + t)}
+    visible = {0: [t for t in range(length) if t not in (2, 3)], 1: list(range(length))}
+    labels = {0: 0, 1: 1}  # contiguous labels; category ids 1 and 2
+    script = [
+        [(o, labels[o], 0.9 - 0.1 * o, boxes[o](t)) for o in (0, 1) if t in visible[o]]
+        for t in range(length)
+    ]
+    gt = {
+        "videos": [{"id": 7, "height": H, "width": W, "length": length, "file_names": [""] * length}],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": [
+            {
+                "id": o + 1, "video_id": 7, "category_id": labels[o] + 1, "iscrowd": 0,
+                "segmentations": [rle(box_mask(*boxes[o](t), h=H, w=W)) if t in visible[o] else None
+                                  for t in range(length)],
+                "areas": [int(box_mask(*boxes[o](t), h=H, w=W).sum()) if t in visible[o] else None
+                          for t in range(length)],
+            }
+            for o in (0, 1)
+        ],
+    }  # fmt: skip
+    tracker = OnlineTracker(FullResolution(script), TrackerConfig(max_age=3))
+    for _ in range(length):
+        tracker.step(torch.zeros(3, H, W), (H, W), (H, W))
+    tracks = tracker.video_results(length)
+    assert len(tracks) == 2  # the occluded object kept its id
+    categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+    metrics = evaluate(gt, results_for_video(tracks, 7, categories))
+    for key in ("AP", "AP50", "AP75", "AR1", "AR10", "AR100"):
+        assert metrics[key] == pytest.approx(1.0), key
