@@ -28,17 +28,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     import hydra
     import torch
+    from omegaconf import OmegaConf
 
-    from visstg.config import compose
+    from visstg.config import compose, resolved
     from visstg.train import build_module
 
-    cfg = compose("train", ["logger=none", *args.overrides])
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import open_dict
-
-    HydraConfig.instance().set_config(cfg)  # ${hydra:...} paths resolve against it
-    with open_dict(cfg):
-        cfg.pop("hydra")  # the module stores the resolved config; sweep keys do not resolve
+    # Resolved without the hydra node (its sweep keys do not resolve outside a Hydra run).
+    cfg = OmegaConf.create(resolved(compose("train", ["logger=none", *args.overrides])))
     dm = hydra.utils.instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")

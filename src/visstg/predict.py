@@ -55,6 +55,12 @@ def tracker_config(stored: dict | None, overrides: dict | None):
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run prediction; returns a summary (frames, tracks, output paths)."""
+    missing = [k for k in ("input", "ckpt_path", "output_dir") if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        raise UsageError(
+            f"missing {', '.join(f'{k}=...' for k in missing)}; usage: python -m visstg.predict "
+            "input=VIDEO_OR_FRAME_DIR ckpt_path=CKPT output_dir=DIR"
+        )
     import torch
     from rich.progress import Progress
 
@@ -123,17 +129,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="predict")
 def main(cfg: DictConfig) -> None:
-    missing = [k for k in ("input", "ckpt_path", "output_dir") if OmegaConf.is_missing(cfg, k)]
-    if missing:
-        exit_on_user_error(_raise, UsageError(
-            f"missing {', '.join(f'{k}=...' for k in missing)}; usage: python -m visstg.predict "
-            "input=VIDEO_OR_FRAME_DIR ckpt_path=CKPT output_dir=DIR"
-        ))  # fmt: skip
     exit_on_user_error(predict, cfg)
-
-
-def _raise(err: BaseException) -> None:
-    raise err
 
 
 if __name__ == "__main__":
