@@ -9,7 +9,6 @@ multirun sweeps, e.g. ``python -m visstg.train -m model.gnn.iterations=1,2,3,4``
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,6 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from visstg.config import CONFIG_DIR, register_resolvers
-
-log = logging.getLogger(__name__)
 
 register_resolvers()
 
