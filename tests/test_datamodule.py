@@ -86,6 +86,35 @@ def test_targets_skip_frames_without_instances(tiny_root: Path) -> None:
     assert (2, 0) not in pairs.samples and len(pairs) == 4 + 2
 
 
+def test_reference_dropout(tiny_root: Path) -> None:
+    ds = load_ytvis(tiny_root / "train.json")
+    aug = PairAugmentation((48,), 1000, 0.0)
+    full, none, half = (
+        PairDataset(ds, aug, 4, ref_drop_frame=f, ref_drop_instance=i)
+        for f, i in ((0.0, 0.0), (1.0, 0.0), (0.0, 0.5))
+    )
+    counts = {"full": 0, "half": 0}
+    for i in range(len(full)):
+        for name, pairs in (("full", full), ("none", none), ("half", half)):
+            torch.manual_seed(i)  # the same pair, augmentation and dropout draw per index
+            item = pairs[i]
+            ref = item["ref"]
+            keys = ("boxes", "labels", "track_ids", "masks")
+            assert len({len(ref[k]) for k in keys}) == 1, "every reference field dropped alike"
+            assert ref["image"].shape[-2:] == ref["masks"].shape[-2:]
+            if name == "none":
+                assert len(ref["labels"]) == 0 and len(item["tgt"]["labels"]) > 0
+            else:
+                counts[name] += len(ref["labels"])
+                if name == "half":  # a subset of the full pair's references, tracks intact
+                    torch.manual_seed(i)
+                    whole = full[i]["ref"]
+                    assert set(ref["track_ids"].tolist()) <= set(whole["track_ids"].tolist())
+    assert 0 < counts["half"] < counts["full"]
+    with pytest.raises(ValueError, match="ref_drop_frame"):
+        PairDataset(ds, aug, 4, ref_drop_frame=1.5)
+
+
 def test_collate_pads_to_multiple_of_32(tiny_root: Path) -> None:
     ds = load_ytvis(tiny_root / "train.json")
     pairs = PairDataset(ds, PairAugmentation((50, 70), 1000, 0.5), max_gap=4)

@@ -146,3 +146,26 @@ def test_ddp_validation_equals_single_process_evaluation(tmp_path: Path) -> None
     assert expected["HOTA"] > 0  # a non-trivial comparison
     for key in ("AP", "AP50", "AP75", "AR1", "AR10", "AR100", "HOTA", "DetA", "AssA"):
         assert ddp["val"][key] == pytest.approx(expected[key], abs=1e-12), key
+
+
+def test_final_evaluation_reuses_the_last_validation_of_the_best_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    from visstg.train import _validated_already
+
+    class Validator:
+        last_metrics = {"AP": 0.5}
+
+    class Module:
+        validator = Validator()
+        validated_step = 12
+
+    ckpt = tmp_path / "best.ckpt"
+    torch.save({"global_step": 12, "state_dict": {}}, ckpt)
+    assert _validated_already(Module(), str(ckpt))  # validated after the best's last step
+    torch.save({"global_step": 8, "state_dict": {}}, ckpt)
+    assert not _validated_already(Module(), str(ckpt))  # an earlier epoch was best
+    assert not _validated_already(Module(), None)  # no checkpointing: final weights
+    Module.validated_step = None  # never validated during the fit
+    torch.save({"global_step": 12, "state_dict": {}}, ckpt)
+    assert not _validated_already(Module(), str(ckpt))

@@ -125,6 +125,7 @@ class VisSTGModule(pl.LightningModule):
         self.config = config
         self.categories = categories
         self.validator = VideoValidator(TrackerConfig(**(tracker or {})), hota=val_hota)
+        self.validated_step: int | None = None
 
     def forward(self, batch: dict[str, Any]) -> dict[str, Any]:
         return self.net.forward_train(batch)
@@ -158,6 +159,7 @@ class VisSTGModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.validator.compute()  # identical on every rank (gathered first)
+        self.validated_step = self.global_step  # the weights last_metrics describe
         for key in LOGGED_KEYS:
             if key in metrics:
                 self.log(f"val/{key}", float(metrics[key]), prog_bar=key == "AP", batch_size=1)

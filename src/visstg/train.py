@@ -89,13 +89,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         out["last_ckpt"] = str(Path(ckpt_cb.dirpath) / "last.ckpt") if ckpt_cb.dirpath else None
     if cfg.get("evaluate_after_fit") and not cfg.trainer.get("fast_dev_run"):
         best = out.get("best_ckpt") or None
-        trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+        if not _validated_already(module, best):
+            trainer.validate(module, datamodule=datamodule, ckpt_path=best, verbose=False)
         out["val_metrics"] = module.validator.last_metrics
         out["evaluated_ckpt"] = best or "the final weights"
     out["global_step"] = trainer.global_step
     if trainer.is_global_zero:
         write_run_summary(Path(cfg.paths.output_dir), out)
     return out
+
+
+def _validated_already(module, best: str | None) -> bool:
+    """Whether the last validation of the fit already scored ``best`` (the default run validates
+    once, after its last step, and that checkpoint is the best): no second pass over the videos."""
+    import torch
+
+    if best is None or module.validated_step is None or not module.validator.last_metrics:
+        return False
+    ckpt = torch.load(best, map_location="cpu", weights_only=False, mmap=True)
+    return ckpt.get("global_step") == module.validated_step
 
 
 def write_run_summary(output_dir: Path, out: dict[str, Any]) -> Path:

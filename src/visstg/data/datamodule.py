@@ -41,12 +41,34 @@ class PairDataset(Dataset):
     Each item is ``{"ref": frame, "tgt": frame, "video_id", "frame_indices": (k, t)}`` with
     ``frame = {"image": [3, h, w] normalised, "boxes": [N, 4] xyxy, "labels": [N],
     "track_ids": [N], "masks": [N, h, w] bool}``; both frames share one augmentation draw.
+
+    Reference dropout (a training regulariser, off by default): with probability
+    ``ref_drop_frame`` the reference frame keeps no instance (the graph then has no reference
+    node, as on a video's first frame), otherwise each reference instance is removed with
+    probability ``ref_drop_instance`` (its target counterpart becomes a new object). With GT
+    references in every pair the heads can find objects from the graph's messages alone: on
+    2-core runs of the synthetic default the centre loss of the same weights was 0.76 with the
+    references and 1.60 without, while at inference new objects never have a reference.
     """
 
-    def __init__(self, ds: YTVIS, augmentation: PairAugmentation, max_gap: int = 4) -> None:
+    def __init__(
+        self,
+        ds: YTVIS,
+        augmentation: PairAugmentation,
+        max_gap: int = 4,
+        ref_drop_frame: float = 0.0,
+        ref_drop_instance: float = 0.0,
+    ) -> None:
+        for name, p in (
+            ("ref_drop_frame", ref_drop_frame),
+            ("ref_drop_instance", ref_drop_instance),
+        ):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"PairDataset: {name} must be a probability in [0, 1], got {p}")
         self.ds = ds
         self.aug = augmentation
         self.max_gap = max_gap
+        self.ref_drop_frame, self.ref_drop_instance = ref_drop_frame, ref_drop_instance
         annotated = {v["id"]: ds.annotated_frames(v) for v in ds.videos}
         self.samples = target_index(annotated)
         if not self.samples:
@@ -63,11 +85,23 @@ class PairDataset(Dataset):
         k = sample_reference(t, video["length"], self.max_gap, rng)
         short, flip = self.aug.sample(rng)
         return {
-            "ref": self._frame(video, k, short, flip),
+            "ref": self._drop_references(self._frame(video, k, short, flip), rng),
             "tgt": self._frame(video, t, short, flip),
             "video_id": video_id,
             "frame_indices": (k, t),
         }
+
+    def _drop_references(self, ref: dict[str, torch.Tensor], rng: random.Random) -> dict:
+        if self.ref_drop_frame == 0 and self.ref_drop_instance == 0:
+            return ref
+        n = len(ref["labels"])
+        if rng.random() < self.ref_drop_frame:
+            keep = torch.zeros(n, dtype=torch.bool)
+        else:
+            keep = torch.tensor(
+                [rng.random() >= self.ref_drop_instance for _ in range(n)], dtype=torch.bool
+            )
+        return {key: v if key == "image" else v[keep] for key, v in ref.items()}
 
     def _frame(self, video: dict, frame: int, short: int, flip: bool) -> dict[str, torch.Tensor]:
         image = self.ds.load_frame(video, frame)
@@ -200,6 +234,8 @@ class VISDataModule(pl.LightningDataModule):
         max_gap: reference frame within this many annotated frames of the target.
         train_sizes, max_size, hflip_prob: the shared pair augmentation.
         test_size: shorter side at inference (longer side capped by ``max_size``).
+        ref_drop_frame, ref_drop_instance: reference dropout of the training pairs
+            (:class:`PairDataset`).
     """
 
     def __init__(
@@ -219,6 +255,8 @@ class VISDataModule(pl.LightningDataModule):
         batch_size: int = 8,
         num_workers: int = 2,
         val_max_videos: int | None = None,
+        ref_drop_frame: float = 0.0,
+        ref_drop_instance: float = 0.0,
     ) -> None:
         super().__init__()
         self.name, self.root = name, Path(root)
@@ -230,6 +268,7 @@ class VISDataModule(pl.LightningDataModule):
         self.test_size, self.max_size = test_size, max_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_max_videos = val_max_videos
+        self.ref_drop = {"ref_drop_frame": ref_drop_frame, "ref_drop_instance": ref_drop_instance}
         self._splits: dict[str, YTVIS] = {}
 
     # --- files --------------------------------------------------------------------------------
@@ -270,7 +309,9 @@ class VISDataModule(pl.LightningDataModule):
     # --- Lightning hooks ----------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            self.train_set = PairDataset(self.split(self.train_split), self.aug, self.max_gap)
+            self.train_set = PairDataset(
+                self.split(self.train_split), self.aug, self.max_gap, **self.ref_drop
+            )
         if stage in (None, "fit", "validate"):
             self.val_set = VideoDataset(self.split(self.val_split), self.test_size, self.max_size)
             if self.val_max_videos is not None:  # a quick look at the first few videos
