@@ -26,14 +26,22 @@ CONFIG_PATH = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def evaluate_files(
-    gt: str, results: str, output: str | None = None, with_hota: bool = True
+    gt: str,
+    results: str,
+    output: str | None = None,
+    with_hota: bool = True,
+    workers: int | None = None,
 ) -> dict:
-    """Score ``results`` against ``gt``, print the table, write ``output``; returns the metrics."""
+    """Score ``results`` against ``gt``, print the table, write ``output``; returns the metrics.
+
+    ``workers``: processes sharing the per-video work, ``None`` one per available core (the
+    numbers do not depend on it; see :func:`visstg.eval.parallel.map_forked`).
+    """
     from visstg.eval.table import format_table
     from visstg.eval.ytvis_eval import evaluate
 
     # One load and one set of per-frame intersections for both AP and HOTA.
-    metrics = evaluate(gt, results, with_hota=with_hota)
+    metrics = evaluate(gt, results, with_hota=with_hota, workers=workers)
     print(format_table(metrics))
     if output:
         out = Path(output)
@@ -90,7 +98,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     if cfg.get("max_videos") is not None:  # score only the videos that were run
         gt = restrict_gt(gt, {v["id"] for v in ds.videos[: cfg.max_videos]})
     print(f"results of {len(gt['videos'])} videos written to {results_path}")
-    return evaluate_files(gt, str(results_path), cfg.output, with_hota=cfg.hota)
+    # One process unless +workers=N: this one holds torch (and maybe CUDA), unsafe to fork.
+    return evaluate_files(gt, str(results_path), cfg.output, cfg.hota, cfg.get("workers", 1))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
@@ -106,7 +115,8 @@ def main(cfg: DictConfig) -> None:
             return
         if not cfg.gt or not cfg.results:
             raise EvalInputError("give gt=GT.json and results=RESULTS.json (or ckpt_path=CKPT)")
-        evaluate_files(cfg.gt, cfg.results, cfg.output, with_hota=cfg.hota)
+        # +workers=N (not in the config file): processes for the scoring, default one per core.
+        evaluate_files(cfg.gt, cfg.results, cfg.output, cfg.hota, cfg.get("workers"))
     except (EvalInputError, FileExistsError) as e:
         sys.exit(f"error: {e}")
 

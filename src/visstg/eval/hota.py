@@ -146,7 +146,8 @@ _METRIC = None
 _EMPTY_RESULT = None
 
 
-def _metric():
+def hota_metric():
+    """trackeval's ``HOTA`` metric object, made (and trackeval imported) on the first call."""
     global _METRIC
     if _METRIC is None:
         import trackeval  # imported lazily: it pulls in scipy
@@ -167,7 +168,7 @@ def hota_video(p, vid, seq: str, n_frames: int) -> dict[str, dict]:
     global _EMPTY_RESULT
     from visstg.eval.ytvis_eval import group_overlaps
 
-    metric = _metric()
+    metric = hota_metric()
     out = {}
     for c, cid in _classes(p.categories).items():
         gts, dts = p.gts.get((vid, cid), []), p.dts.get((vid, cid), [])
@@ -188,7 +189,7 @@ def combine_videos(p, per_video: Mapping) -> dict[str, float]:
     for seq, (v, _) in sequences(p.videos).items():
         for c in classes:
             per_class_seq[c][seq] = per_video[v["id"]][c]
-    return _combine(_metric(), per_class_seq)
+    return _combine(hota_metric(), per_class_seq)
 
 
 def _empty_data(seq: str) -> dict:

@@ -26,6 +26,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from visstg.eval.overlap import Overlaps, frame_intersections
+from visstg.eval.parallel import map_forked
 from visstg.eval.results import EvalInputError, PathLike, load_gt, load_results, paused_gc
 
 log = logging.getLogger(__name__)
@@ -429,8 +430,8 @@ def score_video(p: Prepared, vid, hota_seq: tuple[str, int] | None = None):
     return evals, hota_res
 
 
-def evaluate_prepared(p: Prepared, with_hota: bool = False) -> dict:
-    """Score prepared data; see :func:`evaluate` for the returned keys."""
+def evaluate_prepared(p: Prepared, with_hota: bool = False, workers: int | None = 1) -> dict:
+    """Score prepared data; see :func:`evaluate` for the arguments and the returned keys."""
     T, R, K, M = len(IOU_THRS), len(REC_THRS), len(p.cat_ids), len(MAX_DETS)
     A = len(_ranges(p))
     precision = -np.ones((T, R, K, A, M))
@@ -438,10 +439,11 @@ def evaluate_prepared(p: Prepared, with_hota: bool = False) -> dict:
     p.share_overlaps = with_hota
     hota_seqs = {}
     if with_hota:
-        from visstg.eval.hota import sequences
+        from visstg.eval.hota import hota_metric, sequences
 
         hota_seqs = {v["id"]: (seq, n) for seq, (v, n) in sequences(p.videos).items()}
-    scored = [score_video(p, v, hota_seqs.get(v)) for v in p.vid_ids]
+        hota_metric()  # imports trackeval once, before any fork
+    scored = map_forked(lambda v: score_video(p, v, hota_seqs.get(v)), p.vid_ids, workers)
     for k, cat in enumerate(p.cat_ids):
         for r in range(A):
             per_video = [ev[cat][r] if cat in ev else None for ev, _ in scored]
@@ -467,7 +469,12 @@ def evaluate_prepared(p: Prepared, with_hota: bool = False) -> dict:
     return out
 
 
-def evaluate(gt: PathLike | Mapping, results: PathLike | Sequence, with_hota: bool = False) -> dict:
+def evaluate(
+    gt: PathLike | Mapping,
+    results: PathLike | Sequence,
+    with_hota: bool = False,
+    workers: int | None = 1,
+) -> dict:
     """YouTube-VIS video AP/AR of a results file (or list) against ground truth.
 
     Args:
@@ -475,6 +482,9 @@ def evaluate(gt: PathLike | Mapping, results: PathLike | Sequence, with_hota: bo
         results: results JSON path or list in the official results format.
         with_hota: also compute HOTA/DetA/AssA (trackeval's metric fed with the same per-frame
             intersections; see :mod:`visstg.eval.hota`).
+        workers: processes that share the per-video work (:func:`visstg.eval.parallel.map_forked`:
+            forked copies of this one; the numbers are the same for any count). ``None``: one
+            per available core; the default 1 never forks (safe inside a training process).
 
     Returns:
         dict with the 12 official statistics as floats (``STAT_KEYS``: AP ... ARl; fractions,
@@ -486,16 +496,16 @@ def evaluate(gt: PathLike | Mapping, results: PathLike | Sequence, with_hota: bo
     # Millions of small dicts and arrays: the cyclic garbage collector would walk them again
     # and again for nothing (they hold no cycles); they are freed before it resumes.
     with paused_gc():
-        return _evaluate(gt, results, with_hota)
+        return _evaluate(gt, results, with_hota, workers)
 
 
-def _evaluate(gt, results, with_hota: bool) -> dict:
+def _evaluate(gt, results, with_hota: bool, workers: int | None) -> dict:
     p = prepare(gt, results)
     if not any(p.dts.values()):
         log.warning(
             "the results hold no track: every statistic that has ground truth is 0 "
             "(the official code stops with an IndexError on an empty list)"
         )
-    out = evaluate_prepared(p, with_hota)
+    out = evaluate_prepared(p, with_hota, workers)
     out.pop("_precision"), out.pop("_recall")
     return out
