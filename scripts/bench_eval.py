@@ -7,7 +7,7 @@ subprocess exactly as a user would:
 
     python -m visstg.evaluate gt=GT results=RES output=OUT             # AP + HOTA, the default
     python -m visstg.evaluate gt=GT results=RES output=OUT hota=false  # AP only
-    python -m visstg.evaluate gt=GT results=RES output=OUT +workers=1  # AP + HOTA, one process
+    python -m visstg.evaluate gt=GT results=RES output=OUT workers=1  # AP + HOTA, one process
     python -m visstg.eval.reference GT RES        # per-frame-pair RLE merges, official algorithm
 
 checks that the 12 statistics agree to 1e-9 (and that one process gives exactly the default's
@@ -184,10 +184,10 @@ def main() -> None:
             f"output={work / 'metrics1.json'}",
             "hota=false",
         ],
-        "visstg.evaluate +workers=1 (one process)": [
+        "visstg.evaluate workers=1 (one process)": [
             *cli,
             f"output={work / 'metrics2.json'}",
-            "+workers=1",
+            "workers=1",
         ],
     }
     if not args.skip_reference:

@@ -421,6 +421,10 @@ def test_cli_writes_metrics_and_nothing_else(tmp_path):
     assert set(STAT_KEYS) <= set(m) and {"HOTA", "DetA", "AssA", "per_category_AP"} <= set(m)
     assert m["AP"] == pytest.approx(0.8)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["gt.json", "m.json", "res.json"]
+    # workers=N (conf/evaluate.yaml) sets the scoring processes; one process scores the same
+    p = run_cli("gt=gt.json", "results=res.json", "output=m1.json", "workers=1", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert json.loads((tmp_path / "m1.json").read_text()) == m
 
 
 @pytest.mark.parametrize(

@@ -98,8 +98,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     if cfg.get("max_videos") is not None:  # score only the videos that were run
         gt = restrict_gt(gt, {v["id"] for v in ds.videos[: cfg.max_videos]})
     print(f"results of {len(gt['videos'])} videos written to {results_path}")
-    # One process unless +workers=N: this one holds torch (and maybe CUDA), unsafe to fork.
-    return evaluate_files(gt, str(results_path), cfg.output, cfg.hota, cfg.get("workers", 1))
+    # One process unless workers=N: this one holds torch (and maybe CUDA), unsafe to fork.
+    return evaluate_files(gt, str(results_path), cfg.output, cfg.hota, cfg.get("workers") or 1)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
@@ -115,7 +115,7 @@ def main(cfg: DictConfig) -> None:
             return
         if not cfg.gt or not cfg.results:
             raise EvalInputError("give gt=GT.json and results=RESULTS.json (or ckpt_path=CKPT)")
-        # +workers=N (not in the config file): processes for the scoring, default one per core.
+        # workers=N: processes for the scoring, default (null) one per core.
         evaluate_files(cfg.gt, cfg.results, cfg.output, cfg.hota, cfg.get("workers"))
     except (EvalInputError, FileExistsError) as e:
         sys.exit(f"error: {e}")
