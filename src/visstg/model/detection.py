@@ -15,7 +15,7 @@ Conventions used throughout visstg (segmentation and tracking rely on them too):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from visstg.model.losses import centernet_focal_loss
+from visstg.model.sparse import tower_at_levels
 
 __all__ = [
     "Assignment",
@@ -105,12 +106,34 @@ class CenterNetHead(nn.Module):
         nn.init.constant_(self.offset[-1].bias, 0.5)
         nn.init.constant_(self.heatmap[-1].bias, prior_bias)
 
-    def forward(self, feats: Sequence[Tensor]) -> dict[str, list[Tensor]]:
-        return {
-            "heatmap": [self.heatmap(f) for f in feats],  # [B, C, H_l, W_l]
-            "size": [self.size(f) for f in feats],  # [B, 2, H_l, W_l]
-            "offset": [self.offset(f) for f in feats],  # [B, 2, H_l, W_l]
-        }
+    def forward(
+        self, feats: Sequence[Tensor], branches: Sequence[str] = ("heatmap", "size", "offset")
+    ) -> dict[str, list[Tensor]]:
+        """Run ``branches`` (default all three) on every level; inference runs the heatmap
+        alone and reads size and offset at its peaks (:meth:`regress_at`)."""
+        # heatmap [B, C, H_l, W_l], size / offset [B, 2, H_l, W_l] per level
+        return {name: [getattr(self, name)(f) for f in feats] for name in branches}
+
+    def regress_at(
+        self, feats: Sequence[Tensor], level: Tensor, y: Tensor, x: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """The size and offset branches of one image read at some cells only.
+
+        Equal (up to float summation order) to gathering ``forward(feats)["size"]`` and
+        ``["offset"]`` at the cells, without running the two branches over every location
+        (:func:`visstg.model.sparse.tower_at_cells`): inference needs them at the top-k
+        heatmap peaks only.
+
+        Args:
+            feats: list over levels of ``[1, in_channels, H_l, W_l]``.
+            level, y, x: ``[k]`` long, level and cell of each peak.
+        Returns:
+            ``size [k, 2]`` (log(w/stride), log(h/stride)), ``offset [k, 2]`` (x, y in cells).
+        """
+        cells = torch.stack([y, x], dim=1)  # [k, 2]
+        size = tower_at_levels(list(self.size), feats, level, cells)  # [k, 2]
+        offset = tower_at_levels(list(self.offset), feats, level, cells)  # [k, 2]
+        return size, offset
 
 
 @dataclass
@@ -382,6 +405,7 @@ def decode_detections(
     nms_thresh: float = 0.6,
     score_thresh: float = 0.05,
     pool_size: int = 3,
+    regress: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> list[dict[str, Tensor]]:
     """Heatmap peaks -> boxes, per image.
 
@@ -391,27 +415,29 @@ def decode_detections(
     clipped to the valid region and class-aware NMS (``nms_thresh``) runs across levels.
 
     Args:
-        pred: :class:`CenterNetHead` output (lists over levels).
+        pred: :class:`CenterNetHead` output (lists over levels); only ``heatmap`` is read
+            when ``regress`` is given.
         strides: stride of each level.
         image_sizes: ``[B, 2]`` (h, w) of the valid (unpadded) region in input pixels.
+        regress: ``(level, y, x) -> (size, offset)``, all ``[B, k]`` in and ``[B, 2, k]`` out:
+            the size and offset at the top-k peaks, instead of reading them from
+            ``pred["size"]`` / ``pred["offset"]`` (inference evaluates those branches at the
+            peaks only, :meth:`CenterNetHead.regress_at`).
     Returns:
         list of B dicts: ``boxes [D, 4]`` xyxy input px, ``scores [D]``, ``labels [D]``,
-        ``levels [D]``, ``cells [D, 2]`` (y, x of the peak on its level), sorted by score.
+        ``levels [D]``, ``cells [D, 2]`` (y, x of the peak on its level), ``centers [D, 2]``
+        (x, y input px of the peak: cell + predicted offset, before clipping), sorted by score.
     """
     heat_maps = pred["heatmap"]
     bsz, num_classes = heat_maps[0].shape[:2]
     device = heat_maps[0].device
     shapes = [tuple(h.shape[-2:]) for h in heat_maps]
-    scores_l, sizes_l, offsets_l = [], [], []
-    for logit, size, offset in zip(heat_maps, pred["size"], pred["offset"]):
+    scores_l = []
+    for logit in heat_maps:
         heat = logit.sigmoid()
         peak = F.max_pool2d(heat, pool_size, stride=1, padding=pool_size // 2)
         scores_l.append((heat * (peak == heat)).flatten(1))  # [B, C*H_l*W_l]
-        sizes_l.append(size.flatten(2))  # [B, 2, H_l*W_l]
-        offsets_l.append(offset.flatten(2))  # [B, 2, H_l*W_l]
     scores_all = torch.cat(scores_l, 1)  # [B, S] S = sum_l C*H_l*W_l
-    sizes_all = torch.cat(sizes_l, 2)  # [B, 2, P] P = sum_l H_l*W_l
-    offsets_all = torch.cat(offsets_l, 2)  # [B, 2, P]
 
     score_sizes = torch.tensor([num_classes * h * w for h, w in shapes], device=device)
     score_starts = torch.cumsum(score_sizes, 0) - score_sizes  # [L]
@@ -429,9 +455,14 @@ def decode_detections(
     label = rem // hw
     pix = rem % hw
     y, x = pix // widths[level], pix % widths[level]
-    flat = (pix_starts[level] + pix)[:, None, :].expand(-1, 2, -1)  # [B, 2, k]
-    size = sizes_all.gather(2, flat).clamp(max=_MAX_LOG_SIZE)  # [B, 2, k] (w, h)
-    offset = offsets_all.gather(2, flat)  # [B, 2, k] (x, y)
+    if regress is None:
+        sizes_all = torch.cat([s.flatten(2) for s in pred["size"]], 2)  # [B, 2, P]
+        offsets_all = torch.cat([o.flatten(2) for o in pred["offset"]], 2)  # P = sum_l H_l*W_l
+        flat = (pix_starts[level] + pix)[:, None, :].expand(-1, 2, -1)  # [B, 2, k]
+        size, offset = sizes_all.gather(2, flat), offsets_all.gather(2, flat)  # [B, 2, k] each
+    else:
+        size, offset = regress(level, y, x)  # [B, 2, k] each
+    size = size.clamp(max=_MAX_LOG_SIZE)  # (w, h)
     s = stride_t[level]  # [B, k]
     cx = (x.to(s.dtype) + offset[:, 0]) * s
     cy = (y.to(s.dtype) + offset[:, 1]) * s
@@ -452,6 +483,7 @@ def decode_detections(
 
     boxes, scores, label, level, image = (t[keep] for t in (boxes, scores, label, level, image))
     cells = torch.stack([y[keep], x[keep]], dim=-1)  # [n, 2]
+    centers = torch.stack([cx[keep], cy[keep]], dim=-1)  # [n, 2]
     kept = batched_nms(boxes, scores, image * num_classes + label, nms_thresh)  # sorted by score
     image = image[kept]
     out = []
@@ -464,6 +496,7 @@ def decode_detections(
                 "labels": label[sel],
                 "levels": level[sel],
                 "cells": cells[sel],
+                "centers": centers[sel],
             }
         )
     return out

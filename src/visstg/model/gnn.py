@@ -59,14 +59,22 @@ class EdgeNodeConv(MessagePassing):
         self.node_mlp = mlp(2 * dim, hidden, dim)  # N_v
 
     def forward(
-        self, x: Tensor | tuple[Tensor, Tensor], edge_index: Tensor, edge_attr: Tensor
+        self,
+        x: Tensor | tuple[Tensor, Tensor],
+        edge_index: Tensor,
+        edge_attr: Tensor,
+        update_src: bool = True,
     ) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor]:
+        """``update_src=False`` (bipartite pair only) skips the messages to the source nodes,
+        which come back unchanged: for a last layer whose source features nobody reads."""
         pair = not isinstance(x, Tensor)
         x_src, x_dst = x if pair else (x, x)
         # Eq. 1. edge_updater infers the size from the tensors it is given, so pass the pair.
         edge_attr = self.edge_updater(edge_index, x=(x_src, x_dst), edge_attr=edge_attr)  # [E, D]
         # Eq. 2: every edge messages both of its endpoints.
         to_dst = self.propagate(edge_index, x=(x_src, x_dst), edge_attr=edge_attr)  # [N_t, D]
+        if pair and not update_src:
+            return (x_src, x_dst + to_dst), edge_attr
         to_src = self.propagate(
             edge_index.flip(0), x=(x_dst, x_src), edge_attr=edge_attr
         )  # [N_s, D]
@@ -110,10 +118,16 @@ class SpatialTemporalGNN(nn.Module):
         self.iterations = iterations
         self.layers = nn.ModuleList(EdgeNodeConv(dim, hidden) for _ in range(iterations))
 
-    def forward(self, graph: Data) -> dict[str, Tensor | list[Tensor]]:
+    def forward(self, graph: Data, ref_features: bool = True) -> dict[str, Tensor | list[Tensor]]:
+        """``ref_features=False``: the last layer does not update the reference nodes (nothing
+        downstream of the fused maps and edge features reads them; inference skips that work),
+        so ``x_ref`` is then the previous layer's."""
         x_ref, x_pix, edge_attr = graph.x_ref, graph.x_pix, graph.edge_attr
-        for layer in self.layers:
-            (x_ref, x_pix), edge_attr = layer((x_ref, x_pix), graph.edge_index, edge_attr)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            (x_ref, x_pix), edge_attr = layer(
+                (x_ref, x_pix), graph.edge_index, edge_attr, update_src=ref_features or i < last
+            )
         return {
             "maps": pixels_to_maps(x_pix, graph),
             "x_pix": x_pix,

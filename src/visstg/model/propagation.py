@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
+from visstg.model.sparse import tower_at_cells
+
 __all__ = ["KernelWarp"]
 
 
@@ -120,7 +122,6 @@ class KernelWarp(nn.Module):
             theta_k, f_t, f_k: as for ``forward`` (lists over levels).
             batch: ``[N]`` image, level: ``[N]`` pyramid level, cell: ``[N, 2]`` (y, x).
         """
-        k, pad = self.kernel_size, self.kernel_size // 2
         num_params = theta_k[0].shape[1]
         out = theta_k[0].new_zeros(batch.numel(), num_params)
         for lvl, (th, ft, fk) in enumerate(zip(theta_k, f_t, f_k)):
@@ -130,20 +131,71 @@ class KernelWarp(nn.Module):
                 out = out + (offsets.sum() + th.sum() + self.weight.sum()) * 0
                 continue
             b, cy, cx = batch[idx], cell[idx, 0], cell[idx, 1]
-            # Column of each instance on its image's compact grid: its rank within the image.
-            seen = F.one_hot(b, th.shape[0]).cumsum(0) - 1  # [n, B]
-            col = seen.gather(1, b[:, None]).squeeze(1)  # [n]
-            m = int(col.max()) + 1
-            h, w = th.shape[-2:]
-            th_pad = F.pad(th, (0, max(0, m + k - 1 - w), 0, max(0, k - h)))  # [B, P, H', W']
-            hp, wp = th_pad.shape[-2:]
             off = offsets[b, :, cy, cx]  # [n, 2*k*k] (dy, dx) per tap
-            shift = torch.stack([cy - pad, cx - pad - col], dim=1).to(off.dtype)  # [n, 2]
-            off = off + shift.repeat(1, k * k)  # [n, 2*k*k]
-            grid = off.new_zeros(th.shape[0], 2 * k * k, 1, wp - k + 1)  # [B, 2kk, 1, W'-k+1]
-            grid[b, :, 0, col] = off
-            warped = deform_conv2d(
-                th_pad, grid.to(th.dtype), self.weight.to(th.dtype), stride=(hp, 1)
-            )  # [B, P, 1, W'-k+1]
-            out = out.index_put((idx,), warped[b, :, 0, col])  # [n, P]
+            out = out.index_put((idx,), self.warp_cells(th, off, b, cell[idx]))  # [n, P]
         return out
+
+    def offsets_at(self, f_t: Tensor, f_k: Tensor, cells: Tensor) -> Tensor:
+        """``offsets(f_t, f_k)`` of one image ``[1, C, H, W]`` read at ``cells [n, 2]`` (y, x):
+        ``[n, 2*k*k]``, computed only where those cells depend on it (inference)."""
+        modules = [*self.offset_cnn, self.offset_out]
+        return tower_at_cells(modules, f_t - f_k, cells)
+
+    def warp_cells(self, theta_k: Tensor, offsets: Tensor, batch: Tensor, cell: Tensor) -> Tensor:
+        """theta_warp of one level at some cells, given their offsets (see :meth:`warp_at`).
+
+        Args:
+            theta_k: ``[B, P, H, W]`` kernel map of the level.
+            offsets: ``[n, 2*k*k]`` (dy, dx per tap) at the cells.
+            batch: ``[n]`` image; cell: ``[n, 2]`` (y, x).
+        Returns:
+            ``[n, P]``.
+        """
+        k, pad = self.kernel_size, self.kernel_size // 2
+        th = theta_k
+        b, cy, cx = batch, cell[:, 0], cell[:, 1]
+        # Column of each instance on its image's compact grid: its rank within the image.
+        seen = F.one_hot(b, th.shape[0]).cumsum(0) - 1  # [n, B]
+        col = seen.gather(1, b[:, None]).squeeze(1)  # [n]
+        m = int(col.max()) + 1
+        h, w = th.shape[-2:]
+        th_pad = F.pad(th, (0, max(0, m + k - 1 - w), 0, max(0, k - h)))  # [B, P, H', W']
+        hp, wp = th_pad.shape[-2:]
+        shift = torch.stack([cy - pad, cx - pad - col], dim=1).to(offsets.dtype)  # [n, 2]
+        off = offsets + shift.repeat(1, k * k)  # [n, 2*k*k]
+        grid = off.new_zeros(th.shape[0], 2 * k * k, 1, wp - k + 1)  # [B, 2kk, 1, W'-k+1]
+        grid[b, :, 0, col] = off
+        warped = deform_conv2d(
+            th_pad, grid.to(th.dtype), self.weight.to(th.dtype), stride=(hp, 1)
+        )  # [B, P, 1, W'-k+1]
+        return warped[b, :, 0, col]  # [n, P]
+
+    def sampled_cells(self, offsets: Tensor, cell: Tensor, shape: tuple[int, int]) -> Tensor:
+        """Where the warp at ``cell [n, 2]`` (y, x) with ``offsets [n, 2*k*k]`` reads theta_k:
+        boolean ``[H, W]``, True on the (up to) four cells around every tap's bilinear sample
+        point. A tolerance of 1e-3 cell on the floor keeps float rounding from dropping one, so
+        theta_k is only needed on these cells (the warp is exact with zeros elsewhere)."""
+        k, pad = self.kernel_size, self.kernel_size // 2
+        h, w = shape
+        taps = torch.arange(k, device=cell.device, dtype=offsets.dtype)
+        ty, tx = taps.repeat_interleave(k), taps.repeat(k)  # [k*k] row-major taps
+        py = cell[:, 0, None].to(offsets.dtype) - pad + ty + offsets[:, 0::2]  # [n, k*k]
+        px = cell[:, 1, None].to(offsets.dtype) - pad + tx + offsets[:, 1::2]
+        ys, ok_y = _corner_rows(py, h)  # [n, k*k, 3] each
+        xs, ok_x = _corner_rows(px, w)
+        yy = ys[..., :, None].expand(-1, -1, 3, 3)  # [n, k*k, 3, 3]
+        xx = xs[..., None, :].expand(-1, -1, 3, 3)
+        ok = ok_y[..., :, None] & ok_x[..., None, :]  # [n, k*k, 3, 3]
+        mask = torch.zeros(shape, dtype=torch.bool, device=cell.device)
+        mask[yy[ok], xx[ok]] = True
+        return mask
+
+
+def _corner_rows(p: Tensor, size: int, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """Integer rows a bilinear sample at ``p`` may read: ``floor(p)`` and ``floor(p) + 1``,
+    widened to ``floor(p - eps) .. floor(p + eps) + 1`` against float rounding, inside
+    ``[0, size)``. Returns candidates ``[..., 3]`` and which of them count."""
+    lo = (p - eps).floor().long()  # [...]
+    hi = (p + eps).floor().long() + 1
+    rows = lo[..., None] + torch.arange(3, device=p.device)  # [..., 3]
+    return rows, (rows <= hi[..., None]) & (rows >= 0) & (rows < size)

@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from visstg.model.detection import gather_at_cells
+from visstg.model.sparse import local_layers, tower_at_levels, tower_on_mask
 
 __all__ = [
     "DEFAULT_SIZES_OF_INTEREST",
     "Controller",
+    "LazyKernelMaps",
     "MaskBranch",
     "dynamic_mask_head",
     "gather_at_cells",
@@ -97,6 +99,65 @@ class Controller(nn.Module):
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
         return [self.out(self.tower(f)) for f in feats]  # [B, num_params, H_l, W_l]
+
+    def at_cells(self, feats: Sequence[Tensor], level: Tensor, cells: Tensor) -> Tensor:
+        """``forward(feats)`` of one image read at ``(level, cell)``: ``[N, num_params]``,
+        computed only where those cells depend on it (:mod:`visstg.model.sparse`)."""
+        return tower_at_levels([*self.tower, self.out], feats, level, cells)
+
+    def on_mask(self, feat: Tensor, mask: Tensor) -> Tensor:
+        """``forward([feat])[0]`` for one image ``[1, C, H, W]``, exact on the cells of ``mask
+        [H, W]`` (zero elsewhere unless the tower is not local, then computed everywhere)."""
+        layers = local_layers([*self.tower, self.out])
+        if layers is None:
+            return self.out(self.tower(feat))
+        return tower_on_mask(layers, feat, mask)
+
+
+class LazyKernelMaps(Sequence[Tensor]):
+    """theta = ``controller(feats)``, a list over levels of ``[1, num_params, H_l, W_l]``,
+    computed when it is read.
+
+    The online state carries the kernels of frame t-1 for frame t's warp, which reads them only
+    near the detections of frame t; :meth:`on_mask` computes a level only where it is read.
+    Indexing or iterating computes (and caches) whole levels, so the object is the list of maps
+    it stands for.
+
+    Args:
+        controller: the :class:`Controller`.
+        feats: list over levels of ``[1, C, H_l, W_l]``.
+        maps: ``controller(feats)`` if already computed (then nothing is recomputed).
+    """
+
+    def __init__(
+        self,
+        controller: Controller,
+        feats: Sequence[Tensor],
+        maps: Sequence[Tensor] | None = None,
+    ) -> None:
+        self.controller = controller
+        self.feats = list(feats)
+        # Already computed levels (``maps``: controller(feats) when the caller has it).
+        self._dense: dict[int, Tensor] = dict(enumerate(maps)) if maps is not None else {}
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def __getitem__(self, level):  # type: ignore[override]
+        if isinstance(level, slice):
+            return [self[i] for i in range(len(self))[level]]
+        level = range(len(self))[level]  # negative indices, IndexError
+        if level not in self._dense:
+            with torch.no_grad():
+                self._dense[level] = self.controller([self.feats[level]])[0]
+        return self._dense[level]
+
+    def on_mask(self, level: int, mask: Tensor) -> Tensor:
+        """Level ``level`` ``[1, num_params, H_l, W_l]``, exact on the cells of ``mask``."""
+        if level in self._dense:
+            return self._dense[level]
+        with torch.no_grad():
+            return self.controller.on_mask(self.feats[level], mask)
 
 
 class MaskBranch(nn.Module):

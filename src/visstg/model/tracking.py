@@ -14,7 +14,7 @@ Pixel nodes of level ``l`` are ordered batch, y, x:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -159,7 +159,7 @@ def edge_training_targets(
 
 def edge_scores_for_detections(
     graph: Any,
-    edge_logits: Tensor,
+    edge_logits: Tensor | Callable[[Tensor], Tensor],
     det_level: Tensor,
     det_batch: Tensor,
     det_cells: Tensor,
@@ -177,18 +177,20 @@ def edge_scores_for_detections(
 
     Args:
         graph: the graph (``edge_index``, ``ref_instance``, ``level_offsets``, ``level_shapes``).
-        edge_logits: ``[E]`` classifier logits.
+        edge_logits: ``[E]`` classifier logits, or ``edges [J] -> [J]`` logits of those edges
+            (inference classifies only the edges that reach a detection).
         det_level, det_batch: ``[D]`` long; det_cells: ``[D, 2]`` (y, x); det_labels: ``[D]``.
         ref_labels: ``[M]`` class of each reference instance.
         num_refs: M.
     Returns:
         ``[M, D]`` float probabilities.
     """
-    device = edge_logits.device
+    device = det_level.device
     num_det = det_level.numel()
-    scores = torch.zeros(num_refs * num_det, dtype=edge_logits.dtype, device=device)
-    if num_det == 0 or num_refs == 0 or edge_logits.numel() == 0:
-        return scores.view(num_refs, num_det)
+    num_edges = graph.edge_index.shape[1]
+    if num_det == 0 or num_refs == 0 or num_edges == 0:
+        dtype = edge_logits.dtype if isinstance(edge_logits, Tensor) else torch.float32
+        return torch.zeros(num_refs, num_det, dtype=dtype, device=device)
     det_pix = pixel_index(graph, None, det_level.to(device), det_batch.to(device),
                           det_cells.to(device))  # fmt: skip
     # Join edges to detections on the pixel index: sort detections by pixel, then each edge's
@@ -203,6 +205,9 @@ def edge_scores_for_detections(
     det = order[lo[edge_rep] + torch.arange(edge_rep.numel(), device=device) - run_start]
     m = graph.ref_instance.to(device)[graph.edge_index[0].to(device)[edge_rep]]  # [J]
     ok = ref_labels.to(device)[m] == det_labels.to(device)[det]
-    prob = edge_logits[edge_rep[ok]].sigmoid()
+    edges = edge_rep[ok]  # [J'] the edges that score a detection
+    logits = edge_logits[edges] if isinstance(edge_logits, Tensor) else edge_logits(edges)
+    prob = logits.sigmoid()
+    scores = prob.new_zeros(num_refs * num_det)
     scores.scatter_reduce_(0, m[ok] * num_det + det[ok], prob, reduce="amax")
     return scores.view(num_refs, num_det)

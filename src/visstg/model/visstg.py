@@ -14,6 +14,7 @@ edge set, so the fused maps equal the backbone maps (the paper's "plain branch")
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -36,6 +37,7 @@ from visstg.model.propagation import KernelWarp
 from visstg.model.segmentation import (
     DEFAULT_SIZES_OF_INTEREST,
     Controller,
+    LazyKernelMaps,
     MaskBranch,
     dynamic_mask_head,
     num_dynamic_params,
@@ -155,6 +157,12 @@ class VisSTG(nn.Module):
         self.topk, self.nms_thresh, self.score_thresh = topk, nms_thresh, score_thresh
         # Per-stage timing of inference_step (visstg.timing); a no-op unless benchmarking.
         self.timer = NULL_TIMER
+        # Inference reads the size/offset branches, the controller and the warp offsets only at
+        # the peaks / detections and theta_{t-1} only where the warp samples it; True evaluates
+        # them there only (same values, visstg.model.sparse), False runs them densely and
+        # gathers. None: sparse on CPU, dense elsewhere (a GPU runs the dense convs at little
+        # cost, and the sparse path's data-dependent shapes would synchronise the host).
+        self.sparse_heads: bool | None = None
 
         self.backbone = backbone if backbone is not None else ResNetFPN(50, dim)
         relation = fusion == "relation"
@@ -215,10 +223,13 @@ class VisSTG(nn.Module):
         )  # [N, h, w]
         return upsample_mask_logits(logits, self.mask_upsample)
 
-    def _fuse(self, graph, f_t: Sequence[Tensor], f_k: Sequence[Tensor]) -> dict[str, Any]:
-        """F^_t (``maps``) and, for ``"relation"``, the final edge features (``edge_attr``)."""
+    def _fuse(
+        self, graph, f_t: Sequence[Tensor], f_k: Sequence[Tensor], ref_features: bool = True
+    ) -> dict[str, Any]:
+        """F^_t (``maps``) and, for ``"relation"``, the final edge features (``edge_attr``);
+        ``ref_features=False`` lets the GNN skip the last update of the reference nodes."""
         if self.fusion == "relation":
-            return self.gnn(graph)
+            return self.gnn(graph, ref_features=ref_features)
         if self.fusion == "concat":
             return {"maps": self.concat_fusion(f_t, f_k)}
         return {"maps": list(f_t)}  # "none": the backbone maps themselves
@@ -347,7 +358,8 @@ class VisSTG(nn.Module):
             image: ``[1, 3, H, W]`` normalised, padded frame t.
             state: what the previous call returned as ``new_state`` (``None`` on the first
                 frame): ``feats`` (L x ``[1, D, H_l, W_l]`` backbone maps of frame t-1) and
-                ``kernels`` (L x ``[1, 169, H_l, W_l]``, controller on those maps).
+                ``kernels`` (L x ``[1, 169, H_l, W_l]``, controller on those maps; a
+                :class:`LazyKernelMaps`, computed where this frame's warp reads it).
             references: reference instances for the graph (ignored without ``state``):
                 ``boxes [A, 4]`` (active tracks' boxes on frame t-1, xyxy input pixels;
                 ROIAlign on ``state["feats"]``) and ``labels [A]``; optionally memory entries
@@ -369,6 +381,11 @@ class VisSTG(nn.Module):
                   detected boxes (what a lost track keeps in memory)
                 - ``kernels [Dn, 169]`` dynamic parameters at the detections
             ``new_state``: ``feats`` and ``kernels`` of this frame (fixed size, no per-track data).
+
+        The heads read at a few cells (size, offset, controller, warp offsets, edge classifier,
+        theta_{t-1}) are evaluated only there when ``self.sparse_heads`` (default: on CPU);
+        the outputs are the dense computation's up to float summation order
+        (tests/test_inference_sparse.py).
         """
         if image.dim() != 4 or image.shape[0] != 1:
             raise ValueError(
@@ -410,43 +427,70 @@ class VisSTG(nn.Module):
         # on the first frame, where there is no track to associate with anyway).
         f_prev = state["feats"] if state is not None else f_t
         with timer.stage("gnn"):
-            fused = self._fuse(graph, f_t, f_prev)
+            # Nothing reads the reference nodes after the last GNN layer: skip their update.
+            fused = self._fuse(graph, f_t, f_prev, ref_features=False)
             maps = fused["maps"]
+        sparse = self.sparse_heads if self.sparse_heads is not None else device.type == "cpu"
         with timer.stage("detection"):
-            det = self.det_head(maps)
+            regress = None
+            if sparse:
+                det = self.det_head(maps, branches=("heatmap",))
+                regress = self._regress_at_peaks(maps)
+            else:
+                det = self.det_head(maps)
             # Decode in float32 even under autocast: box coordinates need the mantissa.
             det = {k: [t.float() for t in v] for k, v in det.items()}
             sizes = torch.tensor([[h, w]], device=device)
             dets = decode_detections(
-                det, self.strides, sizes, self.topk, self.nms_thresh, self.score_thresh
-            )[0]
+                det, self.strides, sizes, self.topk, self.nms_thresh, self.score_thresh,
+                regress=regress,
+            )[0]  # fmt: skip
+            # Exact peak centres (cell + predicted offset) for the relative coordinates.
+            det_centers = dets.pop("centers")  # [n, 2] (x, y)
             n = dets["scores"].numel()
             det_batch = torch.zeros(n, dtype=torch.long, device=device)
-            # Exact peak centres (cell + predicted offset) for the relative coordinates.
-            offset = gather_at_cells(det["offset"], det_batch, dets["levels"], dets["cells"])
-            stride = torch.tensor(self.strides, device=device, dtype=offset.dtype)[dets["levels"]]
-            det_centers = (dets["cells"].flip(1).to(offset.dtype) + offset) * stride[:, None]
 
         with timer.stage("mask"):
-            theta_t = self.controller(maps)
             mask_feats = self.mask_branch(maps)
-            args = (det_batch, dets["levels"], dets["cells"], det_centers)
-            masks = self._masks_at(mask_feats, theta_t, *args)  # [n, H/4, W/4] M
-            if state is not None and self.kernel_warp is not None and self.mask_combine != "target":
-                theta_prev = self._with_memory_kernels(state["kernels"], references)
-                theta_warp = self.kernel_warp(theta_prev, f_t, state["feats"])
-                warped = self._masks_at(mask_feats, theta_warp, *args)  # M'
-                masks = warped if self.mask_combine == "warp" else (masks + warped) / 2
-            kernels_out = gather_at_cells(theta_t, *args[:3])  # [n, 169]
-            # theta for the next frame's warp: controller on the (unfused) maps, as theta_k in
-            # training, so warping sees the same kind of kernels at test time.
+            det_args = (det_batch, dets["levels"], dets["cells"])
             plain = graph.edge_index.shape[1] == 0 if graph is not None else maps[0] is f_t[0]
-            kernels = theta_t if plain else self.controller(f_t)
+            theta_t = None
+            if sparse:
+                kernels_out = self.controller.at_cells(maps, dets["levels"], dets["cells"])
+            else:
+                theta_t = self.controller(maps)  # L x [1, 169, H_l, W_l]
+                kernels_out = gather_at_cells(theta_t, *det_args)
+            masks = self._masks_from_params(
+                mask_feats, kernels_out, det_batch, dets["levels"], det_centers
+            )  # [n, H/4, W/4] M; kernels_out [n, 169]
+            if state is not None and self.kernel_warp is not None and self.mask_combine != "target":
+                if sparse:
+                    params_warp = self._warp_at_detections(
+                        state, f_t, references, dets["levels"], dets["cells"]
+                    )
+                else:
+                    theta_prev = self._with_memory_kernels(state["kernels"], references)
+                    theta_warp = self.kernel_warp(theta_prev, f_t, state["feats"])
+                    params_warp = gather_at_cells(theta_warp, *det_args)
+                warped = self._masks_from_params(
+                    mask_feats, params_warp, det_batch, dets["levels"], det_centers
+                )  # M'
+                masks = warped if self.mask_combine == "warp" else (masks + warped) / 2
+            # theta for the next frame's warp: controller on the (unfused) maps, as theta_k in
+            # training, so warping sees the same kind of kernels at test time. Computed when the
+            # next frame reads it, and only where it does (LazyKernelMaps).
+            kernels = LazyKernelMaps(self.controller, f_t, theta_t if plain else None)
 
         with timer.stage("association"):
             extra: dict[str, Tensor] = {}
             if self.edge_classifier is not None:
-                edge_logits = self.edge_classifier(fused["edge_attr"])  # [E]
+                edge_attr = fused["edge_attr"]  # [E, D]
+                # Sparse: classify only the edges that reach a detection (a function of them).
+                edge_logits = (
+                    partial(self._classify_edges, edge_attr)
+                    if sparse
+                    else self.edge_classifier(edge_attr)  # [E]
+                )
                 edge_scores = edge_scores_for_detections(
                     graph, edge_logits, dets["levels"], det_batch, dets["cells"], dets["labels"],
                     ref_labels, num_refs,
@@ -507,6 +551,55 @@ class VisSTG(nn.Module):
             ref_labels,
         )  # fmt: skip
         return scores, {"displacements": disp}
+
+    def _classify_edges(self, edge_attr: Tensor, edges: Tensor) -> Tensor:
+        """Edge-classifier logits ``[J]`` of the edges ``edges [J]`` only."""
+        return self.edge_classifier(edge_attr[edges])
+
+    def _regress_at_peaks(self, maps: Sequence[Tensor]):
+        """``decode_detections``'s ``regress``: the size and offset branches at the peaks."""
+
+        def regress(level: Tensor, y: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+            # One image: [1, k] in; [k, 2] from the head -> [1, 2, k] float32 out.
+            size, offset = self.det_head.regress_at(maps, level[0], y[0], x[0])
+            return size.float().t()[None], offset.float().t()[None]
+
+        return regress
+
+    def _warp_at_detections(
+        self,
+        state: dict[str, Any],
+        f_t: Sequence[Tensor],
+        references: dict[str, Tensor] | None,
+        level: Tensor,
+        cells: Tensor,
+    ) -> Tensor:
+        """theta_warp at the detections ``[n, 169]``: equal to warping the whole theta_{t-1}
+        (with the memory kernels written in) and reading it at the detections, but the warp
+        offsets are computed at the detections only and theta_{t-1} only on the cells the
+        deformable taps sample (:meth:`KernelWarp.sampled_cells`, :class:`LazyKernelMaps`)."""
+        warp, theta, f_prev = self.kernel_warp, state["kernels"], state["feats"]
+        num_params = warp.weight.shape[0]  # [P, 1, k, k] depthwise
+        partial: list[Tensor] = []
+        reads: dict[int, tuple[Tensor, Tensor]] = {}
+        for lvl, (ft, fk) in enumerate(zip(f_t, f_prev)):
+            idx = (level == lvl).nonzero().squeeze(1)  # [m]
+            shape = tuple(ft.shape[-2:])
+            if idx.numel() == 0:  # not read: a zero map keeps the memory-kernel writes valid
+                partial.append(ft.new_zeros(1, num_params, 1, 1).expand(1, num_params, *shape))
+                continue
+            off = warp.offsets_at(ft, fk, cells[idx])  # [m, 2*k*k]
+            if isinstance(theta, LazyKernelMaps):
+                partial.append(theta.on_mask(lvl, warp.sampled_cells(off, cells[idx], shape)))
+            else:
+                partial.append(theta[lvl])
+            reads[lvl] = (idx, off)
+        partial = self._with_memory_kernels(partial, references)
+        out = f_t[0].new_zeros(level.numel(), partial[0].shape[1])
+        for lvl, (idx, off) in reads.items():
+            batch = torch.zeros_like(idx)
+            out[idx] = warp.warp_cells(partial[lvl], off, batch, cells[idx]).to(out.dtype)
+        return out
 
     @staticmethod
     def _with_memory_kernels(
