@@ -48,7 +48,12 @@ def test_benchmark_command_writes_the_report(tmp_path: Path) -> None:
     assert report["config"]["model"]["dim"] == 32
     assert [r["references"] for r in report["graph_table"]] == [1, 4]
     assert set(report["worst_case"]["stages_ms"]) == set(STAGES)
-    assert "FPS" in proc.stdout
+    # Operation counts of one tracked frame per stage, beside the times.
+    gflops = report["stages_gflops"]
+    assert set(gflops) == set(STAGES) and gflops["backbone+fpn"] > 0 and gflops["detection"] > 0
+    ratio = (sum(gflops.values()) - gflops["backbone+fpn"]) / gflops["backbone+fpn"]
+    assert abs(report["beyond_backbone_gflops_ratio"] - ratio) < 1e-3
+    assert "FPS" in proc.stdout and "in FLOPs" in proc.stdout
     # Nothing but the report in the working directory (no outputs/, .hydra, logs).
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
 

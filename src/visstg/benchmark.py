@@ -206,6 +206,9 @@ def time_clip(net, tracker_cfg: dict, frames, size, device, warmup, autocast) ->
         net.timer = NULL_TIMER
     stages = {s: statistics.median(f.get(s, 0.0) for f in per_frame) for s in STAGES}
     total_ms = statistics.median(totals)
+    gflops = None
+    if not compiled(net):  # FlopCounterMode and torch.compile do not mix
+        gflops = count_stage_gflops(tracker, frames[-1], size, device, autocast)
     return {
         "stages_ms": {k: round(v, 3) for k, v in stages.items()},
         "total_ms": round(total_ms, 3),
@@ -217,7 +220,39 @@ def time_clip(net, tracker_cfg: dict, frames, size, device, warmup, autocast) ->
         "references": round(float(np.mean(refs)), 2),
         "input_size": list(image.shape[-2:]),
         "frames": len(totals),
+        "stages_gflops": gflops,
+        "beyond_backbone_gflops_ratio": (
+            round((sum(gflops.values()) - gflops["backbone+fpn"]) / gflops["backbone+fpn"], 4)
+            if gflops
+            else None
+        ),
     }
+
+
+def compiled(net) -> bool:
+    import torch
+
+    return any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in net.modules())
+
+
+def count_stage_gflops(tracker, frame, size, device, autocast) -> dict[str, float]:
+    """GFLOPs per stage of one more tracked frame (``visstg.timing.StageFlops``): the
+    machine-independent counterpart of the timings (deform_conv2d counts as 0)."""
+    import torch
+
+    from visstg.data.transforms import preprocess_frame
+    from visstg.timing import NULL_TIMER, StageFlops
+
+    net = tracker.model
+    flops = StageFlops()
+    net.timer = flops
+    try:
+        image, valid, _ = preprocess_frame(frame, min(size), max(size))
+        with torch.inference_mode(), autocast, flops.counting():
+            tracker.step(image.to(device), valid, frame.shape[:2])
+    finally:
+        net.timer = NULL_TIMER
+    return {s: round(flops.flops.get(s, 0) / 1e9, 3) for s in STAGES}
 
 
 def graph_table(net, frame, size, device, counts, num_frames, autocast) -> list[dict[str, Any]]:
@@ -281,11 +316,17 @@ def format_report(report: dict[str, Any]) -> str:
             f"{title}: {run['detections']:.1f} detections, {run['references']:.1f} references "
             f"per frame (median of {run['frames']} frames)"
         )
-        lines.append(f"  {'stage':<14}{'ms/frame':>10}{'share':>8}")
+        gflops = run.get("stages_gflops") or {}
+        lines.append(f"  {'stage':<14}{'ms/frame':>10}{'share':>8}{'GFLOP':>9}")
         for name, ms in run["stages_ms"].items():
-            lines.append(f"  {name:<14}{ms:>10.2f}{ms / run['total_ms']:>8.1%}")
+            g = f"{gflops[name]:>9.2f}" if name in gflops else ""
+            lines.append(f"  {name:<14}{ms:>10.2f}{ms / run['total_ms']:>8.1%}{g}")
         lines.append(f"  {'total':<14}{run['total_ms']:>10.2f}   {run['fps']:.2f} FPS")
         lines.append(f"  beyond backbone+fpn / backbone+fpn = {run['beyond_backbone_ratio']:.2f}")
+        if run.get("beyond_backbone_gflops_ratio") is not None:
+            lines.append(
+                f"  in FLOPs (deform_conv2d not counted): {run['beyond_backbone_gflops_ratio']:.2f}"
+            )
 
     block("realistic", report)
     if report.get("worst_case"):

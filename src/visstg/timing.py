@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
-__all__ = ["NULL_TIMER", "NullTimer", "StageTimer"]
+__all__ = ["NULL_TIMER", "NullTimer", "StageFlops", "StageTimer"]
 
 _NULL_CONTEXT = nullcontext()
 
@@ -67,3 +67,33 @@ class StageTimer:
         finally:
             ms = (self._now() - start) * 1e3
             self.times[name] = self.times.get(name, 0.0) + ms
+
+
+class StageFlops:
+    """Counts floating-point operations per stage instead of time (same ``stage`` interface).
+
+    Wrap the frame in ``with flops.counting():``; every stage then adds the operations that
+    :class:`torch.utils.flop_counter.FlopCounterMode` saw inside it (convolutions, matmuls,
+    ...; custom ops such as torchvision's ``deform_conv2d`` count as 0). ``flops`` holds
+    ``name -> FLOPs`` (a multiply-add is 2); nested stages count in both.
+    """
+
+    enabled = True
+
+    def __init__(self) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        self.counter = FlopCounterMode(display=False)
+        self.flops: dict[str, int] = {}
+
+    def counting(self) -> AbstractContextManager:
+        return self.counter
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = self.counter.get_total_flops()
+        try:
+            yield
+        finally:
+            done = self.counter.get_total_flops() - start
+            self.flops[name] = self.flops.get(name, 0) + done
