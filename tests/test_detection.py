@@ -98,6 +98,27 @@ def test_encode_then_decode_recovers_boxes_and_classes():
     assert (got["scores"] > 0.99).all()
 
 
+def test_class_agnostic_nms_keeps_one_class_per_object():
+    # one object, heatmap peaks for classes 0 (0.9) and 1 (0.6) at the same cell
+    a = assign_targets([_target([[10.0, 10.0, 30.0, 30.0]], [0])], SHAPES, STRIDES, RANGES)
+    pred, _ = _perfect_prediction(a, 1)
+    lvl, (y, x) = int(a.level[0]), a.cell[0].tolist()
+    heat = pred["heatmap"][lvl]
+    heat[0, 0, y, x], heat[0, 1, y, x] = math.log(0.9 / 0.1), math.log(0.6 / 0.4)
+    size = torch.tensor([[64, 100]])
+    aware = decode_detections(pred, STRIDES, size)[0]
+    assert aware["labels"].tolist() == [0, 1]  # per-class NMS: both classes stay
+    agnostic = decode_detections(pred, STRIDES, size, class_agnostic=True)[0]
+    assert agnostic["labels"].tolist() == [0]
+    assert agnostic["scores"].tolist() == pytest.approx([0.9])
+    # boxes that do not overlap are kept whatever their classes
+    b = assign_targets([_target([[10.0, 10.0, 30.0, 30.0], [60, 30, 80, 50]], [0, 1])],
+                       SHAPES, STRIDES, RANGES)  # fmt: skip
+    pred, _ = _perfect_prediction(b, 1)
+    agnostic = decode_detections(pred, STRIDES, size, class_agnostic=True)[0]
+    assert sorted(agnostic["labels"].tolist()) == [0, 1]
+
+
 def test_decode_clips_to_valid_region_and_drops_padding_peaks():
     a = assign_targets([_target([[90.0, 10.0, 110.0, 20.0], [10, 10, 20, 20]], [0, 1])],
                        SHAPES, STRIDES, RANGES)  # fmt: skip

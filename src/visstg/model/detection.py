@@ -406,13 +406,16 @@ def decode_detections(
     score_thresh: float = 0.05,
     pool_size: int = 3,
     regress: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+    class_agnostic: bool = False,
 ) -> list[dict[str, Tensor]]:
     """Heatmap peaks -> boxes, per image.
 
     Peaks are cells equal to the max of their ``pool_size`` neighbourhood (per class, per level);
     the ``topk`` best over all levels and classes of an image are kept, those below
     ``score_thresh`` or whose decoded centre lies outside the valid region are dropped, boxes are
-    clipped to the valid region and class-aware NMS (``nms_thresh``) runs across levels.
+    clipped to the valid region and class-aware NMS (``nms_thresh``) runs across levels
+    (``class_agnostic``: one NMS over every class, so peaks of several classes on one object
+    leave only the highest-scoring one).
 
     Args:
         pred: :class:`CenterNetHead` output (lists over levels); only ``heatmap`` is read
@@ -484,7 +487,8 @@ def decode_detections(
     boxes, scores, label, level, image = (t[keep] for t in (boxes, scores, label, level, image))
     cells = torch.stack([y[keep], x[keep]], dim=-1)  # [n, 2]
     centers = torch.stack([cx[keep], cy[keep]], dim=-1)  # [n, 2]
-    kept = batched_nms(boxes, scores, image * num_classes + label, nms_thresh)  # sorted by score
+    groups = image if class_agnostic else image * num_classes + label
+    kept = batched_nms(boxes, scores, groups, nms_thresh)  # sorted by score
     image = image[kept]
     out = []
     for b in range(bsz):

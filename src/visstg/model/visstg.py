@@ -91,6 +91,9 @@ class VisSTG(nn.Module):
     Injected modules a variant does not use are dropped (set to None), so the network holds no
     parameter that gets no gradient; the ones it needs and is not given are built at ``dim``.
         topk, nms_thresh, score_thresh: detection decoding.
+        nms_class_agnostic: one NMS over all classes instead of per class (DESIGN.md's
+            decoding is class-aware; see conf/head/default.yaml for why the synthetic default
+            differs).
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class VisSTG(nn.Module):
         topk: int = 100,
         nms_thresh: float = 0.6,
         score_thresh: float = 0.05,
+        nms_class_agnostic: bool = False,
     ) -> None:
         super().__init__()
         for name, value, allowed in (
@@ -155,6 +159,7 @@ class VisSTG(nn.Module):
         self.association = association
         self.propagation = propagation
         self.topk, self.nms_thresh, self.score_thresh = topk, nms_thresh, score_thresh
+        self.nms_class_agnostic = nms_class_agnostic
         # Per-stage timing of inference_step (visstg.timing); a no-op unless benchmarking.
         self.timer = NULL_TIMER
         # Inference reads the size/offset branches, the controller and the warp offsets only at
@@ -443,7 +448,7 @@ class VisSTG(nn.Module):
             sizes = torch.tensor([[h, w]], device=device)
             dets = decode_detections(
                 det, self.strides, sizes, self.topk, self.nms_thresh, self.score_thresh,
-                regress=regress,
+                regress=regress, class_agnostic=self.nms_class_agnostic,
             )[0]  # fmt: skip
             # Exact peak centres (cell + predicted offset) for the relative coordinates.
             det_centers = dets.pop("centers")  # [n, 2] (x, y)
