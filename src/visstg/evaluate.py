@@ -99,7 +99,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         gt = restrict_gt(gt, {v["id"] for v in ds.videos[: cfg.max_videos]})
     print(f"results of {len(gt['videos'])} videos written to {results_path}")
     # One process unless workers=N: this one holds torch (and maybe CUDA), unsafe to fork.
-    return evaluate_files(gt, str(results_path), cfg.output, cfg.hota, cfg.get("workers") or 1)
+    workers = cfg.get("workers")
+    return evaluate_files(
+        gt, str(results_path), cfg.output, cfg.hota, 1 if workers is None else workers
+    )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
