@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from visstg.config import CONFIG_DIR, register_resolvers
+from visstg.config import CONFIG_DIR, choose_openmp_wait_policy, register_resolvers
 
 register_resolvers()
 
@@ -131,6 +131,9 @@ def write_run_summary(output_dir: Path, out: dict[str, Any]) -> Path:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # Before torch starts its threads (they spin on an idle machine, wait passively on a busy one).
+    if choose_openmp_wait_policy():
+        print("other processes are using the CPU: OMP_WAIT_POLICY=PASSIVE")
     result = train(cfg)
     val = result.get("val_metrics")
     if val:
