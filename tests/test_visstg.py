@@ -316,3 +316,39 @@ def test_overfitted_pair_detects_and_associates_online():
     scores = out1["edge_scores"][:, :2]  # [2 reference tracks, 2 detections]
     for d, obj in enumerate(best.tolist()):
         assert scores[obj, d] > 0.5 and scores[1 - obj, d] < 0.5
+
+
+def test_reference_frame_detection_is_the_head_on_the_unfused_reference_maps():
+    """ref_detection: det_ref is the detection head on the reference frame's backbone maps (what
+    a first frame gives it at inference), det is unchanged, and the criterion adds loss_det_ref
+    (the CenterNet loss of the reference ground truth) to the total."""
+    from visstg.model.criterion import REF_DETECTION_LOSS_KEY
+    from visstg.model.detection import centernet_loss, heatmap_targets
+
+    batch = pair_batch()
+    plain, with_ref = tiny_net(), tiny_net(ref_detection=True)
+    out, out_ref = plain.forward_train(batch), with_ref.forward_train(batch)
+    for a, b in zip(out["det"]["heatmap"], out_ref["det"]["heatmap"]):
+        torch.testing.assert_close(a, b)
+    assert out["det_ref"] is None
+    with torch.no_grad():
+        # Both frames go through the backbone together (batch-norm statistics of the pair).
+        both = with_ref.backbone(torch.cat([batch["ref_images"], batch["tgt_images"]]))
+        expected = with_ref.det_head([f[:1] for f in both])
+    for key in ("heatmap", "size", "offset"):
+        for a, b in zip(out_ref["det_ref"][key], expected[key]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+    criterion = VisSTGCriterion(weights={"det_ref": 2.0})
+    losses, losses_plain = criterion(out_ref, batch), criterion(out, batch)
+    assert REF_DETECTION_LOSS_KEY not in losses_plain
+    ref = out_ref["ref_assignment"]
+    heat = heatmap_targets(ref, out_ref["level_shapes"], 1, C, with_ref.strides)
+    expected_loss = sum(centernet_loss(out_ref["det_ref"], ref, heat).values())
+    torch.testing.assert_close(losses[REF_DETECTION_LOSS_KEY], expected_loss)
+    without = losses["loss"] - 2.0 * losses[REF_DETECTION_LOSS_KEY]
+    recomputed = criterion({**out_ref, "det_ref": None}, batch)["loss"]
+    torch.testing.assert_close(without, recomputed)
+    # Reference-frame detection trains the head through the reference frame's maps.
+    losses[REF_DETECTION_LOSS_KEY].backward()
+    assert with_ref.backbone.fpn.body.conv1.weight.grad.abs().sum() > 0

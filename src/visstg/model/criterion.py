@@ -31,6 +31,8 @@ LOSS_KEYS = (
 # Losses of the association ablations (model.association=embedding / offset); a criterion output
 # has the one of its variant instead of loss_edge.
 ASSOCIATION_LOSS_KEYS = ("loss_embed", "loss_track_offset")
+# Present only with VisSTG(ref_detection=True).
+REF_DETECTION_LOSS_KEY = "loss_det_ref"
 
 
 def assignment_masks(
@@ -62,6 +64,8 @@ class VisSTGCriterion(nn.Module):
     - L_mask = mask_weights[target] * loss_mask (dice of M, target kernels) +
       mask_weights[warp] * loss_mask_warp (dice of M', warped reference kernels) +
       mask_weights[ref] * loss_mask_ref (dice of the reference frame's masks, paper 3.6).
+    - With ``VisSTG(ref_detection=True)`` L_det also has ``weights[det_ref] * loss_det_ref``,
+      the same three terms on the reference frame's unfused maps.
     - L_edge = loss_edge (BCE over E_prune, paper Eq. 6), or for the association ablations
       (:mod:`visstg.model.association`) instead: weights[embed] * loss_embed (cross-entropy over
       {new} + reference instances) or weights[track_offset] * loss_track_offset (L1 of the
@@ -90,7 +94,7 @@ class VisSTGCriterion(nn.Module):
     ) -> None:
         super().__init__()
         self.weights = {
-            "det": 1.0, "mask": 1.0, "edge": 1.0, "embed": 1.0, "track_offset": 1.0,
+            "det": 1.0, "mask": 1.0, "edge": 1.0, "embed": 1.0, "track_offset": 1.0, "det_ref": 1.0,
             **dict(weights or {}),
         }  # fmt: skip
         self.mask_weights = {"target": 1.0, "warp": 1.0, "ref": 1.0, **dict(mask_weights or {})}
@@ -118,6 +122,21 @@ class VisSTGCriterion(nn.Module):
             self.min_overlap,
         )  # L x [B, C, H_l, W_l]
         losses = centernet_loss(det, tgt, heatmaps, self.size_weight, self.offset_weight)
+        det_ref = outputs.get("det_ref")
+        if det_ref is not None:  # VisSTG(ref_detection=True): L_det on the reference frame too
+            ref_heatmaps = heatmap_targets(
+                ref,
+                outputs["level_shapes"],
+                outputs["batch_size"],
+                outputs["num_classes"],
+                outputs["strides"],
+                self.min_overlap,
+            )
+            losses[REF_DETECTION_LOSS_KEY] = sum(
+                centernet_loss(
+                    det_ref, ref, ref_heatmaps, self.size_weight, self.offset_weight
+                ).values()
+            )
 
         # Keeps every kernel map (and so the controller / warp module) in the graph even when
         # a frame has no instance and the gathered kernels are empty.
@@ -152,5 +171,7 @@ class VisSTGCriterion(nn.Module):
             for key in ("loss_edge", *ASSOCIATION_LOSS_KEYS)
             if key in losses
         )
+        if REF_DETECTION_LOSS_KEY in losses:
+            l_det = l_det + w["det_ref"] * losses[REF_DETECTION_LOSS_KEY]
         losses["loss"] = w["det"] * l_det + w["mask"] * l_mask + l_assoc
         return losses

@@ -94,6 +94,10 @@ class VisSTG(nn.Module):
         nms_class_agnostic: one NMS over all classes instead of per class (DESIGN.md's
             decoding is class-aware; see conf/head/default.yaml for why the synthetic default
             differs).
+        ref_detection: training also scores the detection head on the reference frame's unfused
+            maps (``det_ref``), the input a first frame and an object no track knows give it at
+            inference. The paper trains detection on the fused target maps only, where every
+            ground-truth reference instance is in the graph; see conf/model/visstg.yaml.
     """
 
     def __init__(
@@ -124,6 +128,7 @@ class VisSTG(nn.Module):
         nms_thresh: float = 0.6,
         score_thresh: float = 0.05,
         nms_class_agnostic: bool = False,
+        ref_detection: bool = False,
     ) -> None:
         super().__init__()
         for name, value, allowed in (
@@ -160,6 +165,7 @@ class VisSTG(nn.Module):
         self.propagation = propagation
         self.topk, self.nms_thresh, self.score_thresh = topk, nms_thresh, score_thresh
         self.nms_class_agnostic = nms_class_agnostic
+        self.ref_detection = ref_detection
         # Per-stage timing of inference_step (visstg.timing); a no-op unless benchmarking.
         self.timer = NULL_TIMER
         # Inference reads the size/offset branches, the controller and the warp offsets only at
@@ -274,6 +280,8 @@ class VisSTG(nn.Module):
         Returns a dict (M reference / N target ground-truth instances, E edges):
             - ``det``: CenterNet head on the fused target maps (lists over levels of
               ``heatmap [B, C, H_l, W_l]``, ``size``/``offset [B, 2, H_l, W_l]``)
+            - ``det_ref``: the same head on the reference frame's unfused maps (``ref_detection``;
+              None otherwise)
             - ``tgt_assignment`` / ``ref_assignment``: ``Assignment`` of the target / reference
               ground truth (levels, centre cells, ...)
             - ``mask_logits [N, H/4, W/4]``: M, target kernels at the target GT centres
@@ -301,7 +309,15 @@ class VisSTG(nn.Module):
         fused = self._fuse(graph, f_t, f_k)
         maps = fused["maps"]  # F^_t, L x [B, D, H_l, W_l]
 
-        det = self.det_head(maps)
+        det_ref = None
+        if self.ref_detection:
+            # The reference frame's own maps are what a first frame (or an object no track
+            # knows) gives the heads at inference: train detection there too, in the same call.
+            both_det = self.det_head([torch.cat([m, f]) for m, f in zip(maps, f_k)])
+            det = {k: [t[:b] for t in v] for k, v in both_det.items()}
+            det_ref = {k: [t[b:] for t in v] for k, v in both_det.items()}
+        else:
+            det = self.det_head(maps)
         tgt = assign_targets(tgt_targets, level_shapes, self.strides, self.size_ranges)
         ref = assign_targets(ref_targets, level_shapes, self.strides, self.size_ranges)
 
@@ -334,6 +350,7 @@ class VisSTG(nn.Module):
         return {
             **self._association_train(maps, f_k, tgt, ref),
             "det": det,
+            "det_ref": det_ref,
             "tgt_assignment": tgt,
             "ref_assignment": ref,
             "mask_logits": mask_logits,
