@@ -100,3 +100,23 @@ def test_three_levels_drop_p6_p7():
     assert [tuple(f.shape) for f in feats] == [(1, 16, 8, 12), (1, 16, 4, 6), (1, 16, 2, 3)]
     with pytest.raises(ValueError, match="num_levels"):
         ResNetFPN(depth=10, num_levels=4)
+
+
+def test_autocast_and_channels_last_return_float32_nchw_maps_close_to_fp32():
+    torch.manual_seed(0)
+    ref = ResNetFPN(10, 16, norm="bn", trainable_layers=5, num_levels=3).eval()
+    fast = ResNetFPN(
+        10, 16, norm="bn", trainable_layers=5, num_levels=3, autocast="bf16", channels_last=True
+    ).eval()
+    fast.load_state_dict(ref.state_dict())
+    assert fast.fpn.body.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected, got = ref(x), fast(x)
+    for e, g in zip(expected, got):
+        assert g.dtype == torch.float32 and g.is_contiguous() and g.shape == e.shape
+        # bfloat16 keeps 8 bits of mantissa: close, not equal.
+        assert (g - e).abs().max() <= 0.05 * e.abs().max()
+        assert not torch.equal(g, e)
+    with pytest.raises(ValueError, match="autocast"):
+        ResNetFPN(10, 16, autocast="int8")

@@ -36,6 +36,7 @@ _RESNETS = {
     101: (resnet.resnet101, resnet.ResNet101_Weights.IMAGENET1K_V1),
 }
 _NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class WeightsError(RuntimeError):
@@ -115,6 +116,13 @@ class ResNetFPN(nn.Module):
             ``"bn"``.
         num_levels: 5 (P3-P7, the paper) or 3 (P3-P5: no P6/P7, for small inputs whose objects
             never reach the P6/P7 size ranges; every head then runs on 3 levels only).
+        autocast: ``None`` (the surrounding precision), ``"bf16"`` or ``"fp16"``: run the
+            ResNet and FPN under ``torch.autocast`` in that dtype on whatever device the input is
+            on, and return float32 maps, so the graph and heads stay in full precision. Unlike
+            ``trainer.precision=bf16-mixed`` this also works on CPU, where torchvision's
+            ``deform_conv2d`` (the kernel warp) has no bfloat16 kernel.
+        channels_last: keep the weights and the input in ``torch.channels_last`` (NHWC), the
+            layout the bfloat16 CPU convolutions are fastest in.
 
     Shapes:
         input ``[N, 3, H, W]`` (ImageNet-normalised) -> list of 5 tensors
@@ -130,8 +138,16 @@ class ResNetFPN(nn.Module):
         trainable_layers: int = 3,
         norm: str = "frozen_bn",
         num_levels: int = 5,
+        autocast: str | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
+        if autocast is not None and autocast not in _AUTOCAST_DTYPES:
+            raise ValueError(
+                f"autocast must be null or one of {sorted(_AUTOCAST_DTYPES)}, got {autocast!r}"
+            )
+        self.autocast_dtype = _AUTOCAST_DTYPES[autocast] if autocast is not None else None
+        self.channels_last = channels_last
         if num_levels not in (3, 5):
             raise ValueError(f"num_levels must be 3 (P3-P5) or 5 (P3-P7), got {num_levels}")
         self.strides: tuple[int, ...] = (8, 16, 32, 64, 128)[:num_levels]
@@ -171,6 +187,8 @@ class ResNetFPN(nn.Module):
                 LastLevelP6P7(out_channels, out_channels) if num_levels == 5 else _NoExtraLevels()
             ),
         )
+        if channels_last:
+            self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _load_resnet_state(body: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -188,5 +206,14 @@ class ResNetFPN(nn.Module):
             raise WeightsError(f"backbone weights {source} do not fit resnet: {exc}") from exc
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        feats = self.fpn(images)  # OrderedDict c3, c4, c5(, p6, p7)
-        return list(feats.values())  # num_levels x [N, C, H_l, W_l]
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.autocast_dtype is None:
+            feats = list(self.fpn(images).values())  # c3, c4, c5(, p6, p7)
+        else:
+            with torch.autocast(images.device.type, dtype=self.autocast_dtype):
+                feats = list(self.fpn(images).values())
+            feats = [f.float() for f in feats]
+        if self.channels_last:  # the graph and heads index and flatten the maps as NCHW
+            feats = [f.contiguous() for f in feats]
+        return feats  # num_levels x [N, C, H_l, W_l]
