@@ -151,6 +151,27 @@ def test_validation_videos_stream_frames_in_order(tiny_root: Path) -> None:
     assert batch["ref_images"].shape[0] == min(dm.batch_size, len(dm.train_set))
 
 
+def test_epoch_pairs_sets_the_epoch_length(tiny_root: Path) -> None:
+    """epoch_pairs draws that many pairs per epoch (more than the data has, too), without
+    repeating a pair before every pair has been drawn."""
+    natural = VISDataModule(name="tiny", root=str(tiny_root), num_classes=3, batch_size=2)
+    natural.setup("fit")
+    n = len(natural.train_set)
+    assert len(natural.train_dataloader()) == n // 2
+    torch.manual_seed(0)
+    dm = VISDataModule(
+        name="tiny", root=str(tiny_root), num_classes=3, batch_size=1, epoch_pairs=n + 2
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert len(loader) == n + 2
+    drawn = list(loader.sampler)
+    assert sorted(drawn[:n]) == list(range(n))  # a permutation first
+    assert len(drawn) == n + 2
+    with pytest.raises(ValueError, match="epoch_pairs"):
+        VISDataModule(name="tiny", root=str(tiny_root), epoch_pairs=0)
+
+
 def test_datamodule_errors(tmp_path: Path, tiny_root: Path) -> None:
     dm = VISDataModule(name="ytvis2019", root=str(tmp_path / "ytvis"), num_classes=40)
     with pytest.raises(DatasetError, match=r"youtube-vos.org.*\n.*train.json"):

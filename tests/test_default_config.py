@@ -19,10 +19,16 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     assert cfg["optimizer"]["_target_"] == "torch.optim.AdamW"
     assert model["controller"]["norm"] and model["mask_branch"]["norm"]
     assert cfg["trainer"]["gradient_clip_val"] > 0
-    # The generator block is untouched: the dataset is not made easier.
+    # The dataset is not made easier: the generator's look is untouched (frame size, seed, and
+    # every SyntheticOptions default), the valid split is the same 16 videos; only the number of
+    # training videos grew (more data of the same kind).
     assert cfg["data"]["synthetic"] == {
-        "train_videos": 64, "val_videos": 16, "seed": 0, "height": 192, "width": 320,
+        "train_videos": 512, "val_videos": 16, "seed": 0, "height": 192, "width": 320,
     }  # fmt: skip
+    assert cfg["data"]["epoch_pairs"] == 920
+    # The synthetic default trains detection on the reference frame too and runs the backbone
+    # in bf16 (float32 maps out).
+    assert model["ref_detection"] and model["backbone"]["autocast"] == "bf16"
 
 
 def test_default_model_builds_and_outputs_three_levels() -> None:
@@ -47,3 +53,10 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert not (model["det_head"]["norm"] or model["controller"]["norm"])
     assert not model["mask_branch"]["norm"]
     assert cfg["trainer"]["gradient_clip_val"] is None
+    # The paper's training and decoding: no reference-frame detection loss, full precision
+    # unless trainer.precision says otherwise, per-class NMS, the usual tracker thresholds.
+    assert not model["ref_detection"] and model["backbone"]["autocast"] is None
+    assert not model["nms_class_agnostic"]
+    assert cfg["tracker"]["score_threshold"] == 0.1
+    assert cfg["tracker"]["new_track_threshold"] == 0.2
+    assert cfg["data"]["epoch_pairs"] is None

@@ -116,6 +116,25 @@ def test_deterministic_for_a_seed(small, tmp_path):
     assert (other / "train.json").read_bytes() != (small / "train.json").read_bytes()
 
 
+def test_valid_split_does_not_depend_on_the_number_of_training_videos(small, tmp_path):
+    """More training videos (the default grew from 64 to 512) leave `valid` byte-identical, so
+    results on it stay comparable."""
+    more = generate(tmp_path / "more", **{**SMALL, "train_videos": 7})
+    valid, valid_more = load(small, "valid"), load(more, "valid")
+    # Only the record of the generator's arguments (info.generator_args) differs.
+    assert valid_more["info"]["generator_args"]["train_videos"] == 7
+    assert {k: v for k, v in valid_more.items() if k != "info"} == {
+        k: v for k, v in valid.items() if k != "info"
+    }
+    for name in valid["videos"][0]["file_names"]:
+        assert (more / "valid/JPEGImages" / name).read_bytes() == (
+            small / "valid/JPEGImages" / name
+        ).read_bytes()
+    assert len(load(more, "train")["videos"]) == 7
+    first = load(small, "train")["annotations"][0]["segmentations"]
+    assert load(more, "train")["annotations"][0]["segmentations"] == first
+
+
 def test_train_and_valid_differ(small):
     train, valid = load(small, "train"), load(small, "valid")
     assert not {v["file_names"][0].split("/")[0] for v in train["videos"]} & {

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from visstg.data.pairs import sample_reference, target_index
 from visstg.data.transforms import PairAugmentation, pad_to_multiple, preprocess_frame
@@ -236,6 +236,9 @@ class VISDataModule(pl.LightningDataModule):
         test_size: shorter side at inference (longer side capped by ``max_size``).
         ref_drop_frame, ref_drop_instance: reference dropout of the training pairs
             (:class:`PairDataset`).
+        epoch_pairs: pairs per training epoch, drawn at random without replacement (a new draw
+            every epoch); ``None``: one pair per annotated frame. Keeps the length of an epoch
+            (and so the schedule in epochs) independent of how many videos the data has.
     """
 
     def __init__(
@@ -257,8 +260,12 @@ class VISDataModule(pl.LightningDataModule):
         val_max_videos: int | None = None,
         ref_drop_frame: float = 0.0,
         ref_drop_instance: float = 0.0,
+        epoch_pairs: int | None = None,
     ) -> None:
         super().__init__()
+        if epoch_pairs is not None and epoch_pairs < 1:
+            raise ValueError(f"epoch_pairs must be null or >= 1, got {epoch_pairs}")
+        self.epoch_pairs = epoch_pairs
         self.name, self.root = name, Path(root)
         self.train_split, self.val_split = train_split, val_split
         self.num_classes, self.class_names = num_classes, class_names
@@ -319,11 +326,16 @@ class VISDataModule(pl.LightningDataModule):
                 self.val_set = torch.utils.data.Subset(self.val_set, range(n))
 
     def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if self.epoch_pairs is not None:
+            sampler = RandomSampler(self.train_set, num_samples=self.epoch_pairs)
+        size = self.epoch_pairs or len(self.train_set)
         return DataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) >= self.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=size >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate_pairs,
