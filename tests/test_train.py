@@ -169,3 +169,18 @@ def test_final_evaluation_reuses_the_last_validation_of_the_best_checkpoint(tmp_
     Module.validated_step = None  # never validated during the fit
     torch.save({"global_step": 12, "state_dict": {}}, ckpt)
     assert not _validated_already(Module(), str(ckpt))
+
+
+def test_bench_train_step_script_times_steps(tmp_path: Path) -> None:
+    """scripts/bench_train_step.py runs the plain step loop of a config and reports it."""
+    import subprocess
+    import sys
+
+    overrides = [o for o in tiny(tmp_path / "data", tmp_path / "x") if "hydra.run.dir" not in o]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train_step.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--steps", "1", "--warmup", "0", *overrides],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 steps, batch 2" in proc.stdout and "s/step" in proc.stdout
