@@ -109,34 +109,28 @@ class VisSTGCriterion(nn.Module):
         soft = downsample_masks(masks, self.mask_target_stride)  # [N, H/4, W/4]
         return dice_loss(logits, _match(logits, soft))
 
-    def forward(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, Tensor]:
-        tgt: Assignment = outputs["tgt_assignment"]
-        ref: Assignment = outputs["ref_assignment"]
-        det = outputs["det"]
+    def _centernet(
+        self, det: dict[str, list[Tensor]], a: Assignment, outputs: dict[str, Any]
+    ) -> dict[str, Tensor]:
+        """loss_center, loss_size, loss_offset of one frame's detection outputs against the
+        Gaussian heatmaps of its assigned ground truth."""
         heatmaps = heatmap_targets(
-            tgt,
+            a,
             outputs["level_shapes"],
             outputs["batch_size"],
             outputs["num_classes"],
             outputs["strides"],
             self.min_overlap,
         )  # L x [B, C, H_l, W_l]
-        losses = centernet_loss(det, tgt, heatmaps, self.size_weight, self.offset_weight)
+        return centernet_loss(det, a, heatmaps, self.size_weight, self.offset_weight)
+
+    def forward(self, outputs: dict[str, Any], batch: dict[str, Any]) -> dict[str, Tensor]:
+        tgt: Assignment = outputs["tgt_assignment"]
+        ref: Assignment = outputs["ref_assignment"]
+        losses = self._centernet(outputs["det"], tgt, outputs)
         det_ref = outputs.get("det_ref")
         if det_ref is not None:  # VisSTG(ref_detection=True): L_det on the reference frame too
-            ref_heatmaps = heatmap_targets(
-                ref,
-                outputs["level_shapes"],
-                outputs["batch_size"],
-                outputs["num_classes"],
-                outputs["strides"],
-                self.min_overlap,
-            )
-            losses[REF_DETECTION_LOSS_KEY] = sum(
-                centernet_loss(
-                    det_ref, ref, ref_heatmaps, self.size_weight, self.offset_weight
-                ).values()
-            )
+            losses[REF_DETECTION_LOSS_KEY] = sum(self._centernet(det_ref, ref, outputs).values())
 
         # Keeps every kernel map (and so the controller / warp module) in the graph even when
         # a frame has no instance and the gathered kernels are empty.

@@ -309,11 +309,14 @@ class VisSTG(nn.Module):
         fused = self._fuse(graph, f_t, f_k)
         maps = fused["maps"]  # F^_t, L x [B, D, H_l, W_l]
 
+        # Heads that see both frames take them in one call per level (heads are per-sample
+        # maps, so this equals two calls; half the small-conv overhead on CPU).
+        both = [torch.cat([m, f]) for m, f in zip(maps, f_k)]  # L x [2B, D, H_l, W_l]
         det_ref = None
         if self.ref_detection:
             # The reference frame's own maps are what a first frame (or an object no track
-            # knows) gives the heads at inference: train detection there too, in the same call.
-            both_det = self.det_head([torch.cat([m, f]) for m, f in zip(maps, f_k)])
+            # knows) gives the heads at inference: train detection there too.
+            both_det = self.det_head(both)
             det = {k: [t[:b] for t in v] for k, v in both_det.items()}
             det_ref = {k: [t[b:] for t in v] for k, v in both_det.items()}
         else:
@@ -321,9 +324,7 @@ class VisSTG(nn.Module):
         tgt = assign_targets(tgt_targets, level_shapes, self.strides, self.size_ranges)
         ref = assign_targets(ref_targets, level_shapes, self.strides, self.size_ranges)
 
-        # Controller and mask branch see both frames in one call per level (heads are per-sample
-        # maps, so this equals two calls; half the small-conv overhead on CPU).
-        both = [torch.cat([m, f]) for m, f in zip(maps, f_k)]  # L x [2B, D, H_l, W_l]
+        # Controller and mask branch: both frames (theta_k, the reference masks).
         theta_t, theta_k = zip(*(t.split(b) for t in self.controller(both)))
         theta_t, theta_k = list(theta_t), list(theta_k)  # L x [B, 169, H_l, W_l] each
         mask_feats_t, mask_feats_k = self.mask_branch(both).split(b)  # [B, 8, H/8, W/8] each
