@@ -7,7 +7,11 @@ from visstg import config
 
 @pytest.fixture
 def no_policy(monkeypatch):
+    """No exported policy, and torch treated as not imported yet (as at train start)."""
+    import sys
+
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
 
 
 @pytest.mark.parametrize("busy, expected", [(0.9, "PASSIVE"), (0.05, None), (None, None)])
@@ -17,6 +21,17 @@ def test_policy_follows_how_busy_the_cpu_is(monkeypatch, no_policy, busy, expect
     monkeypatch.setattr(config, "_cpu_busy_fraction", lambda sample_s: busy)
     assert config.choose_openmp_wait_policy() == expected
     assert os.environ.get("OMP_WAIT_POLICY") == expected
+
+
+def test_nothing_is_set_once_torch_is_imported(monkeypatch, no_policy):
+    import os
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))
+    monkeypatch.setattr(config, "_cpu_busy_fraction", lambda sample_s: 1.0)
+    assert config.choose_openmp_wait_policy() is None
+    assert "OMP_WAIT_POLICY" not in os.environ
 
 
 def test_a_user_setting_is_never_changed(monkeypatch):

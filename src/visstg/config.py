@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -74,9 +75,11 @@ def choose_openmp_wait_policy(busy_above: float = 0.25, sample_s: float = 0.25) 
     OpenMP threads that spin while waiting make a CPU training step 28% faster on an idle
     machine (libgomp's default, 0.48 vs 0.64 s for the synthetic default on 2 cores), but as
     soon as another process is busy they fight it for the cores and the same step takes 1.5 s
-    instead of 0.9 s with passive waiting. A value the user exported is never changed.
+    instead of 0.9 s with passive waiting. A value the user exported is never changed, and
+    once torch is imported (a later job of a multirun) its threads have read the policy already,
+    so nothing is sampled or set.
     """
-    if "OMP_WAIT_POLICY" in os.environ:
+    if "OMP_WAIT_POLICY" in os.environ or "torch" in sys.modules:
         return None
     busy = _cpu_busy_fraction(sample_s)
     if busy is None or busy <= busy_above:
