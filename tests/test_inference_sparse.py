@@ -214,3 +214,25 @@ def test_edge_scores_from_a_classifier_of_some_edges_equal_the_full_logits():
     assert (full > 0).any()
     torch.testing.assert_close(some, full, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out1["edge_scores"], full, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("sparse", [False, True])
+def test_edge_class_agnostic_scores_detections_of_other_classes(sparse):
+    """``edge_class_agnostic``: a reference's edges score detections of every class; the
+    class-aware scores are the same edges masked to the reference's class."""
+    scores = {}
+    for agnostic in (False, True):
+        net = random_net(topk=12, score_thresh=0.0, edge_class_agnostic=agnostic)
+        net.sparse_heads = sparse
+        out0, state = net.inference_step(frames()[0], None, None, image_size=(H, W))
+        # Two references keep their detection's class, two take another one.
+        labels = out0["labels"][:4].clone()
+        labels[2:] = (labels[2:] + 1) % net.num_classes
+        refs = {"boxes": out0["boxes"][:4], "labels": labels}
+        out1, _ = net.inference_step(frames()[1], state, refs, image_size=(H, W))
+        scores[agnostic] = out1["edge_scores"]  # [4, Dn]
+    same = refs["labels"][:, None] == out1["labels"][None, :]
+    assert same.any() and (~same).any() and (scores[True][~same] > 0).any()
+    assert (scores[False][~same] == 0).all()
+    torch.testing.assert_close(scores[False], torch.where(same, scores[True], 0.0))

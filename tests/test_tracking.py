@@ -95,6 +95,14 @@ def test_edge_training_targets_hand_built():
     assert labels.dtype == torch.float32
 
 
+def test_edge_training_targets_class_agnostic_keeps_other_classes_as_negatives():
+    edge_ids, labels = edge_training_targets(
+        _graph(), TARGETS, REF_LABELS, REF_TRACKS, class_agnostic=True
+    )
+    assert edge_ids.tolist() == [0, 1, 2, 5, 6]  # e2 (m2, class 1 -> t0, class 0) now kept
+    assert labels.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+
+
 def test_edge_training_targets_shared_centre_last_instance_wins():
     tgt = _assignment([0, 0], [0, 0], [[1, 1], [1, 1]], [0, 0], [11, 10])
     edge_ids, labels = edge_training_targets(_graph(), tgt, REF_LABELS, REF_TRACKS)
@@ -123,27 +131,43 @@ def test_edge_loss_is_mean_bce():
     torch.testing.assert_close(edge_loss(logits, labels), expected)
 
 
+EDGE_LOGITS = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+# d0, d1 share the peak of t0 (classes 0 and 1); d2 at t1's peak; d3 on P4 at (0, 0);
+# d4 in image 1; d5 at a pixel without edges.
+DETECTIONS = dict(
+    det_level=torch.tensor([0, 0, 0, 1, 0, 0]),
+    det_batch=torch.tensor([0, 0, 0, 0, 1, 0]),
+    det_cells=torch.tensor([[1, 1], [1, 1], [2, 2], [0, 0], [1, 1], [3, 3]]),
+    det_labels=torch.tensor([0, 1, 1, 0, 0, 0]),
+)
+
+
 def test_edge_scores_for_detections_hand_built():
     g = _graph()
-    logits = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
-    # d0, d1 share the peak of t0 (classes 0 and 1); d2 at t1's peak; d3 on P4 at (0, 0);
-    # d4 in image 1; d5 at a pixel without edges.
-    scores = edge_scores_for_detections(
-        g,
-        logits,
-        det_level=torch.tensor([0, 0, 0, 1, 0, 0]),
-        det_batch=torch.tensor([0, 0, 0, 0, 1, 0]),
-        det_cells=torch.tensor([[1, 1], [1, 1], [2, 2], [0, 0], [1, 1], [3, 3]]),
-        det_labels=torch.tensor([0, 1, 1, 0, 0, 0]),
-        ref_labels=REF_LABELS,
-        num_refs=4,
-    )
+    logits = EDGE_LOGITS
+    scores = edge_scores_for_detections(g, logits, **DETECTIONS, ref_labels=REF_LABELS, num_refs=4)
     s = torch.sigmoid(logits)
     expected = torch.zeros(4, 6)
     expected[0, 0] = s[0]  # e0
     expected[0, 3] = s[4]  # e4: m0's P4 node to d3's peak
     expected[1, 0] = s[1]  # e1
     expected[2, 1] = s[2]  # e2: class 1 matches d1, not d0
+    expected[2, 2] = s[5]  # e5
+    expected[3, 4] = s[6]  # e6
+    torch.testing.assert_close(scores, expected)
+
+
+def test_edge_scores_for_detections_class_agnostic():
+    scores = edge_scores_for_detections(
+        _graph(), EDGE_LOGITS, **DETECTIONS, ref_labels=REF_LABELS, num_refs=4,
+        class_agnostic=True,
+    )  # fmt: skip
+    s = torch.sigmoid(EDGE_LOGITS)
+    expected = torch.zeros(4, 6)
+    expected[0, :2] = s[0]  # e0 reaches both detections at t0's peak, whatever their class
+    expected[1, :2] = s[1]  # e1
+    expected[2, :2] = s[2]  # e2: m2 (class 1) now scores d0 (class 0) too
+    expected[0, 3] = s[4]  # e4
     expected[2, 2] = s[5]  # e5
     expected[3, 4] = s[6]  # e6
     torch.testing.assert_close(scores, expected)

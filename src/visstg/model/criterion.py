@@ -149,7 +149,9 @@ class VisSTGCriterion(nn.Module):
         logits = outputs.get("edge_logits")
         if logits is not None:  # association "edge"
             graph = outputs["graph"]
-            edge_ids, labels = edge_training_targets(graph, tgt, ref_labels, ref_tracks)
+            edge_ids, labels = edge_training_targets(
+                graph, tgt, ref_labels, ref_tracks, outputs.get("edge_class_agnostic", False)
+            )
             losses["loss_edge"] = edge_loss(logits[edge_ids], labels, all_logits=logits)
         losses.update(association_losses(outputs))  # loss_embed / loss_track_offset
 

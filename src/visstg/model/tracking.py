@@ -107,13 +107,18 @@ def _num_pixels(graph: Any) -> int:
 
 
 def edge_training_targets(
-    graph: Any, tgt: Assignment, ref_labels: Tensor, ref_track_ids: Tensor
+    graph: Any,
+    tgt: Assignment,
+    ref_labels: Tensor,
+    ref_track_ids: Tensor,
+    class_agnostic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Edges of E_prune and their labels (paper Eq. 6).
 
     An edge (reference node i, pixel j) is kept when pixel j is the centre cell of a target
     ground-truth instance on that instance's assigned level, and the reference instance of node i
-    has that instance's class. Its label is 1 iff both share the track id. When several target
+    has that instance's class (any class with ``class_agnostic``: the instances of other classes
+    in the window become negatives too). Its label is 1 iff both share the track id. When several target
     instances share a centre cell (same level and image), the one that comes last in the
     assignment (highest row) owns the pixel.
 
@@ -123,6 +128,7 @@ def edge_training_targets(
         tgt: :class:`Assignment` of the target frames.
         ref_labels: ``[M]`` class of each reference instance (indexed by ``ref_instance``).
         ref_track_ids: ``[M]`` track id of each reference instance.
+        class_agnostic: keep the edges to target instances of any class.
     Returns:
         ``edge_ids [K]`` long (indices into the graph's edges, ascending) and ``labels [K]``
         float in ``{0, 1}``.
@@ -144,11 +150,9 @@ def edge_training_targets(
     has_t = t >= 0
     t_safe = t.clamp(min=0)
     m = graph.ref_instance.to(device)[edge_index[0]]  # [E] reference instance
-    if len(tgt) > 0:
-        same_class = ref_labels.to(device)[m] == tgt.labels.to(device)[t_safe]
-    else:
-        same_class = torch.zeros_like(has_t)
-    keep = has_t & same_class
+    keep = has_t
+    if not class_agnostic and len(tgt) > 0:
+        keep = keep & (ref_labels.to(device)[m] == tgt.labels.to(device)[t_safe])
     edge_ids = keep.nonzero().squeeze(1)  # [K]
     if len(tgt) > 0:
         labels = ref_track_ids.to(device)[m[edge_ids]] == tgt.track_ids.to(device)[t[edge_ids]]
@@ -166,13 +170,15 @@ def edge_scores_for_detections(
     det_labels: Tensor,
     ref_labels: Tensor,
     num_refs: int,
+    class_agnostic: bool = False,
 ) -> Tensor:
     """Association probabilities between reference instances and detections.
 
     ``scores[m, d] = sigmoid(edge_logits[e])`` for the edge ``e`` joining a node of reference
     instance ``m`` to detection ``d``'s peak pixel (its level, image and cell), when
-    ``ref_labels[m] == det_labels[d]``; 0 when there is no such edge or the classes differ (if
-    several edges qualify, e.g. duplicated reference nodes, the highest probability is used).
+    ``ref_labels[m] == det_labels[d]`` (whatever the classes with ``class_agnostic``); 0 when
+    there is no such edge or the classes differ (if several edges qualify, e.g. duplicated
+    reference nodes, the highest probability is used).
     Several detections (different classes) may share one peak pixel.
 
     Args:
@@ -182,6 +188,7 @@ def edge_scores_for_detections(
         det_level, det_batch: ``[D]`` long; det_cells: ``[D, 2]`` (y, x); det_labels: ``[D]``.
         ref_labels: ``[M]`` class of each reference instance.
         num_refs: M.
+        class_agnostic: score the edges to detections of any class.
     Returns:
         ``[M, D]`` float probabilities.
     """
@@ -204,7 +211,10 @@ def edge_scores_for_detections(
     run_start = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     det = order[lo[edge_rep] + torch.arange(edge_rep.numel(), device=device) - run_start]
     m = graph.ref_instance.to(device)[graph.edge_index[0].to(device)[edge_rep]]  # [J]
-    ok = ref_labels.to(device)[m] == det_labels.to(device)[det]
+    if class_agnostic:
+        ok = torch.ones_like(m, dtype=torch.bool)
+    else:
+        ok = ref_labels.to(device)[m] == det_labels.to(device)[det]
     edges = edge_rep[ok]  # [J'] the edges that score a detection
     logits = edge_logits[edges] if isinstance(edge_logits, Tensor) else edge_logits(edges)
     prob = logits.sigmoid()

@@ -94,6 +94,10 @@ class VisSTG(nn.Module):
         nms_class_agnostic: one NMS over all classes instead of per class (DESIGN.md's
             decoding is class-aware; see conf/head/default.yaml for why the synthetic default
             differs).
+        edge_class_agnostic: association edges join a reference to a detection (and are
+            trained on target instances) of any class, not only of the reference's class
+            (DESIGN.md). A track then survives a detection whose class flickers; its video
+            category is the score-weighted vote of its frames either way.
         ref_detection: training also scores the detection head on the reference frame's unfused
             maps (``det_ref``), the input a first frame and an object no track knows give it at
             inference. The paper trains detection on the fused target maps only, where every
@@ -128,6 +132,7 @@ class VisSTG(nn.Module):
         nms_thresh: float = 0.6,
         score_thresh: float = 0.05,
         nms_class_agnostic: bool = False,
+        edge_class_agnostic: bool = False,
         ref_detection: bool = False,
     ) -> None:
         super().__init__()
@@ -165,6 +170,7 @@ class VisSTG(nn.Module):
         self.propagation = propagation
         self.topk, self.nms_thresh, self.score_thresh = topk, nms_thresh, score_thresh
         self.nms_class_agnostic = nms_class_agnostic
+        self.edge_class_agnostic = edge_class_agnostic
         self.ref_detection = ref_detection
         # Per-stage timing of inference_step (visstg.timing); a no-op unless benchmarking.
         self.timer = NULL_TIMER
@@ -359,6 +365,7 @@ class VisSTG(nn.Module):
             "ref_mask_logits": ref_mask_logits,
             "edge_logits": edge_logits,
             "graph": graph,
+            "edge_class_agnostic": self.edge_class_agnostic,
             "kernel_maps": kernel_maps,
             "level_shapes": level_shapes,
             "strides": self.strides,
@@ -516,7 +523,7 @@ class VisSTG(nn.Module):
                 )
                 edge_scores = edge_scores_for_detections(
                     graph, edge_logits, dets["levels"], det_batch, dets["cells"], dets["labels"],
-                    ref_labels, num_refs,
+                    ref_labels, num_refs, self.edge_class_agnostic,
                 )  # fmt: skip
             else:
                 edge_scores, extra = self._association_scores(
