@@ -32,6 +32,20 @@ def test_mask_branch_stride_8_output():
         mb(feats[:2])
 
 
+def test_mask_branch_upsample_is_bilinear_resize_of_the_stride_8_features():
+    feats = [torch.randn(2, 16, 8, 12), torch.randn(2, 16, 4, 6), torch.randn(2, 16, 2, 3)]
+    torch.manual_seed(0)
+    plain = MaskBranch(in_channels=16, channels=8, out_channels=8, num_convs=2)
+    torch.manual_seed(0)
+    fine = MaskBranch(in_channels=16, channels=8, out_channels=8, num_convs=2, upsample=2)
+    out = fine(feats)
+    assert out.shape == (2, 8, 16, 24)
+    want = F.interpolate(plain(feats), scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, want)
+    with pytest.raises(ValueError, match="upsample"):
+        MaskBranch(16, 8, upsample=0)
+
+
 def test_controller_and_mask_branch_groupnorm_option():
     ctrl = Controller(in_channels=16, feat_channels=24, num_convs=2, norm=True)
     gns = [m for m in ctrl.modules() if isinstance(m, torch.nn.GroupNorm)]

@@ -41,7 +41,7 @@ def tiny_net(propagation=True, iterations=2, **kwargs):
         gnn=SpatialTemporalGNN(D, iterations, hidden=D),
         det_head=CenterNetHead(C, D, D),
         controller=Controller(D, 169, D),
-        mask_branch=MaskBranch(D, D, num_convs=2),
+        mask_branch=kwargs.pop("mask_branch", None) or MaskBranch(D, D, num_convs=2),
         kernel_warp=KernelWarp(D, 169, D) if propagation else None,
         edge_classifier=EdgeClassifier(D, D),
         dim=D,
@@ -352,3 +352,44 @@ def test_reference_frame_detection_is_the_head_on_the_unfused_reference_maps():
     # Reference-frame detection trains the head through the reference frame's maps.
     losses[REF_DETECTION_LOSS_KEY].backward()
     assert with_ref.backbone.fpn.body.conv1.weight.grad.abs().sum() > 0
+
+
+def test_edge_class_agnostic_training_scores_edges_to_other_classes():
+    """``edge_class_agnostic``: the criterion's E_prune also holds the edges from a reference
+    to target instances of another class (negatives), as inference scores them."""
+    from visstg.model.losses import edge_loss
+    from visstg.model.tracking import edge_training_targets
+
+    batch = pair_batch()
+    for t in (*batch["ref_targets"], *batch["tgt_targets"]):  # the rectangle beside the disc
+        t["boxes"][1] = t["boxes"][0] + torch.tensor([20.0, 0, 20, 0])
+        t["masks"][1] = torch.roll(t["masks"][0], 20, dims=1)
+    out = tiny_net(edge_class_agnostic=True).forward_train(batch)
+    assert out["edge_class_agnostic"]
+    ref = batch["ref_targets"][0]
+    args = (out["graph"], out["tgt_assignment"], ref["labels"], ref["track_ids"])
+    ids, labels = edge_training_targets(*args, class_agnostic=True)
+    same_class_ids, same_class_labels = edge_training_targets(*args)
+    assert ids.numel() > same_class_ids.numel()  # the disc's and the rectangle's cross edges
+    assert labels.sum() == same_class_labels.sum() > 0  # the new edges are all negatives
+    losses = VisSTGCriterion()(out, batch)
+    torch.testing.assert_close(losses["loss_edge"], edge_loss(out["edge_logits"][ids], labels))
+
+
+def test_mask_branch_at_stride_4_trains_and_infers_at_the_same_mask_stride():
+    """``mask_branch.upsample=2`` with ``mask_feat_stride=4, mask_upsample=1``: the dynamic head
+    runs at stride 4 and the logits keep the stride-4 contract; a stride that disagrees with the
+    branch is refused by name."""
+    branch = dict(mask_branch=MaskBranch(D, D, num_convs=2, upsample=2))
+    net = tiny_net(**branch, mask_feat_stride=4, mask_upsample=1)
+    batch = pair_batch()
+    out = net.forward_train(batch)
+    assert net.mask_stride == 4
+    assert out["mask_logits"].shape == out["ref_mask_logits"].shape == (2, H // 4, W // 4)
+    losses = VisSTGCriterion()(out, batch)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        res, _ = net.eval().inference_step(batch["tgt_images"], None, None)
+    assert res["masks"].shape[-2:] == (H // 4, W // 4)
+    with pytest.raises(ValueError, match="mask_feat_stride=4"):
+        tiny_net(**branch)

@@ -161,16 +161,20 @@ class LazyKernelMaps(Sequence[Tensor]):
 
 
 class MaskBranch(nn.Module):
-    """Shared mask features from P3-P5 at stride 8.
+    """Shared mask features from P3-P5 at stride 8 (or finer with ``upsample``).
 
     Each of the first ``num_levels`` levels gets a 3x3 conv (``in_channels -> channels``) + ReLU;
     coarser levels are upsampled (bilinear) to P3's size and summed; then ``num_convs`` 3x3 conv
     + ReLU layers and a 1x1 conv to ``out_channels``. ``norm`` adds GroupNorm after every 3x3
     conv (CondInst normalises its mask branch; off by default, the paper does not say).
+    ``upsample`` > 1 resizes the ``out_channels`` features bilinearly (``align_corners=False``,
+    which keeps the cell-centre convention) to stride ``8 / upsample``, so the dynamic head runs
+    on a finer grid of relative coordinates and draws sharper boundaries than upsampled logits;
+    the model's ``mask_feat_stride`` must say the same stride.
 
     Shapes:
         input: list over levels of ``[B, in_channels, H_l, W_l]`` (at least ``num_levels``).
-        output: ``[B, out_channels, H_3, W_3]`` (stride 8).
+        output: ``[B, out_channels, upsample * H_3, upsample * W_3]`` (stride 8 / upsample).
     """
 
     def __init__(
@@ -181,9 +185,13 @@ class MaskBranch(nn.Module):
         num_convs: int = 4,
         num_levels: int = 3,
         norm: bool = False,
+        upsample: int = 1,
     ):
         super().__init__()
+        if upsample < 1:
+            raise ValueError(f"MaskBranch: upsample must be >= 1, got {upsample}")
         self.num_levels = num_levels
+        self.upsample = upsample
         self.refine = nn.ModuleList(
             nn.Sequential(*_conv_norm_relu(in_channels, channels, norm)) for _ in range(num_levels)
         )
@@ -207,7 +215,10 @@ class MaskBranch(nn.Module):
         for refine, f in zip(self.refine[1:], feats[1 : self.num_levels]):
             y = refine(f)
             x = x + F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return self.tower(x)  # [B, out_channels, H_3, W_3]
+        x = self.tower(x)  # [B, out_channels, H_3, W_3]
+        if self.upsample > 1:
+            x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+        return x
 
 
 def parse_dynamic_params(

@@ -75,8 +75,9 @@ class VisSTG(nn.Module):
         offset_head: ``OffsetAssociation`` (kept for ``association="offset"`` only).
         dim: feature size D (only used to build defaults).
         strides, size_ranges, sizes_of_interest: per pyramid level.
-        mask_feat_stride: stride of the mask-branch features (8); mask logits are upsampled by
-            ``mask_upsample`` (2), so they come out at ``self.mask_stride`` = 8 / 2 = 4.
+        mask_feat_stride: stride of the mask-branch features (8, or 8 / ``mask_branch.upsample``),
+            where the dynamic head runs; mask logits are upsampled by ``mask_upsample`` (2), so
+            they come out at ``self.mask_stride`` = 8 / 2 = 4.
         mask_combine: inference mask logit when a reference exists: ``"mean"`` of M and M',
             ``"target"`` (M only) or ``"warp"`` (M' only).
         fusion: ``"relation"`` (the GNN on the graph), or the paper's ablations (Table 2,
@@ -193,6 +194,15 @@ class VisSTG(nn.Module):
         self.det_head = det_head if det_head is not None else CenterNetHead(num_classes, dim, dim)
         self.controller = controller if controller is not None else Controller(dim, num_params, dim)
         self.mask_branch = mask_branch if mask_branch is not None else MaskBranch(dim)
+        branch_stride = strides[0] // getattr(self.mask_branch, "upsample", 1)
+        if branch_stride != mask_feat_stride:
+            raise ValueError(
+                f"VisSTG: the mask branch gives features at stride {branch_stride} (P3's "
+                f"{strides[0]} / its upsample {getattr(self.mask_branch, 'upsample', 1)}) but "
+                f"mask_feat_stride={mask_feat_stride}; set model.mask_feat_stride={branch_stride}"
+                " (and model.mask_upsample so that mask_feat_stride / mask_upsample is the mask "
+                "logits' stride)"
+            )
         if propagation:
             self.kernel_warp = (
                 kernel_warp if kernel_warp is not None else KernelWarp(dim, num_params)
