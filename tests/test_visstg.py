@@ -393,3 +393,26 @@ def test_mask_branch_at_stride_4_trains_and_infers_at_the_same_mask_stride():
     assert res["masks"].shape[-2:] == (H // 4, W // 4)
     with pytest.raises(ValueError, match="mask_feat_stride=4"):
         tiny_net(**branch)
+
+
+def test_head_autocast_bf16_trains_in_float32_outputs_close_to_full_precision():
+    """``head_autocast="bf16"``: the heads run in bf16 (the conv outputs differ from float32 by
+    bf16 rounding only) and hand float32 to the losses, which backpropagate."""
+    batch = pair_batch()
+    full = tiny_net(ref_detection=True).forward_train(batch)
+    net = tiny_net(ref_detection=True, head_autocast="bf16")
+    half = net.forward_train(batch)
+    for key in ("det", "det_ref"):
+        for a, b in zip(full[key]["heatmap"], half[key]["heatmap"]):
+            assert b.dtype == torch.float32
+            torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
+            assert not torch.equal(a, b)  # bf16 did run
+    for a, b in zip(full["kernel_maps"]["theta_t"], half["kernel_maps"]["theta_t"]):
+        assert b.dtype == torch.float32
+    assert half["mask_logits"].dtype == torch.float32
+    losses = VisSTGCriterion()(half, batch)
+    losses["loss"].backward()
+    grads = [p.grad for p in net.mask_branch.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ValueError, match="head_autocast"):
+        tiny_net(head_autocast="int8")

@@ -36,7 +36,7 @@ _RESNETS = {
     101: (resnet.resnet101, resnet.ResNet101_Weights.IMAGENET1K_V1),
 }
 _NORMS = {"frozen_bn": FrozenBatchNorm2d, "bn": nn.BatchNorm2d}
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class WeightsError(RuntimeError):
@@ -142,11 +142,11 @@ class ResNetFPN(nn.Module):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
-        if autocast is not None and autocast not in _AUTOCAST_DTYPES:
+        if autocast is not None and autocast not in AUTOCAST_DTYPES:
             raise ValueError(
-                f"autocast must be null or one of {sorted(_AUTOCAST_DTYPES)}, got {autocast!r}"
+                f"autocast must be null or one of {sorted(AUTOCAST_DTYPES)}, got {autocast!r}"
             )
-        self.autocast_dtype = _AUTOCAST_DTYPES[autocast] if autocast is not None else None
+        self.autocast_dtype = AUTOCAST_DTYPES[autocast] if autocast is not None else None
         self.channels_last = channels_last
         if num_levels not in (3, 5):
             raise ValueError(f"num_levels must be 3 (P3-P5) or 5 (P3-P7), got {num_levels}")

@@ -13,6 +13,7 @@ edge set, so the fused maps equal the backbone maps (the paper's "plain branch")
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from visstg.model.association import EmbeddingAssociation, OffsetAssociation, gather_connected
-from visstg.model.backbone import ResNetFPN
+from visstg.model.backbone import AUTOCAST_DTYPES, ResNetFPN
 from visstg.model.detection import (
     DEFAULT_SIZE_RANGES,
     DEFAULT_STRIDES,
@@ -99,6 +100,10 @@ class VisSTG(nn.Module):
             trained on target instances) of any class, not only of the reference's class
             (DESIGN.md). A track then survives a detection whose class flickers; its video
             category is the score-weighted vote of its frames either way.
+        head_autocast: ``None``, ``"bf16"`` or ``"fp16"``: in training, run the detection head,
+            controller and mask branch under ``torch.autocast`` in that dtype (float32 out; the
+            graph, GNN, kernel warp, dynamic mask head and losses stay float32). The backbone
+            has its own ``autocast``. Inference runs the heads in the surrounding precision.
         ref_detection: training also scores the detection head on the reference frame's unfused
             maps (``det_ref``), the input a first frame and an object no track knows give it at
             inference. The paper trains detection on the fused target maps only, where every
@@ -135,6 +140,7 @@ class VisSTG(nn.Module):
         nms_class_agnostic: bool = False,
         edge_class_agnostic: bool = False,
         ref_detection: bool = False,
+        head_autocast: str | None = None,
     ) -> None:
         super().__init__()
         for name, value, allowed in (
@@ -173,6 +179,12 @@ class VisSTG(nn.Module):
         self.nms_class_agnostic = nms_class_agnostic
         self.edge_class_agnostic = edge_class_agnostic
         self.ref_detection = ref_detection
+        if head_autocast is not None and head_autocast not in AUTOCAST_DTYPES:
+            raise ValueError(
+                f"VisSTG: head_autocast must be null or one of {sorted(AUTOCAST_DTYPES)}, "
+                f"got {head_autocast!r}"
+            )
+        self.head_dtype = AUTOCAST_DTYPES.get(head_autocast) if head_autocast else None
         # Per-stage timing of inference_step (visstg.timing); a no-op unless benchmarking.
         self.timer = NULL_TIMER
         # Inference reads the size/offset branches, the controller and the warp offsets only at
@@ -227,6 +239,12 @@ class VisSTG(nn.Module):
         )
 
     # ------------------------------------------------------------------ shared pieces
+    def _heads_autocast(self, like: Tensor) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` in ``head_autocast``'s dtype on ``like``'s device (or nothing)."""
+        if self.head_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(like.device.type, dtype=self.head_dtype)
+
     def _soi(self, level: Tensor) -> Tensor:
         return torch.tensor(self.sizes_of_interest, device=level.device)[level]  # [N]
 
@@ -329,21 +347,26 @@ class VisSTG(nn.Module):
         # maps, so this equals two calls; half the small-conv overhead on CPU).
         both = [torch.cat([m, f]) for m, f in zip(maps, f_k)]  # L x [2B, D, H_l, W_l]
         det_ref = None
+        with self._heads_autocast(both[0]):
+            if self.ref_detection:
+                # The reference frame's own maps are what a first frame (or an object no track
+                # knows) gives the heads at inference: train detection there too.
+                both_det = self.det_head(both)
+            else:
+                both_det = self.det_head(maps)
+            # Controller and mask branch: both frames (theta_k, the reference masks).
+            thetas = self.controller(both)
+            mask_feats = self.mask_branch(both)
+        both_det = {k: [t.float() for t in v] for k, v in both_det.items()}
+        det = {k: [t[:b] for t in v] for k, v in both_det.items()}
         if self.ref_detection:
-            # The reference frame's own maps are what a first frame (or an object no track
-            # knows) gives the heads at inference: train detection there too.
-            both_det = self.det_head(both)
-            det = {k: [t[:b] for t in v] for k, v in both_det.items()}
             det_ref = {k: [t[b:] for t in v] for k, v in both_det.items()}
-        else:
-            det = self.det_head(maps)
         tgt = assign_targets(tgt_targets, level_shapes, self.strides, self.size_ranges)
         ref = assign_targets(ref_targets, level_shapes, self.strides, self.size_ranges)
 
-        # Controller and mask branch: both frames (theta_k, the reference masks).
-        theta_t, theta_k = zip(*(t.split(b) for t in self.controller(both)))
+        theta_t, theta_k = zip(*(t.float().split(b) for t in thetas))
         theta_t, theta_k = list(theta_t), list(theta_k)  # L x [B, 169, H_l, W_l] each
-        mask_feats_t, mask_feats_k = self.mask_branch(both).split(b)  # [B, 8, H/8, W/8] each
+        mask_feats_t, mask_feats_k = mask_feats.float().split(b)  # [B, 8, H/s, W/s] each
         mask_logits = self._masks_at(
             mask_feats_t, theta_t, tgt.batch, tgt.level, tgt.cell, tgt.centers
         )
