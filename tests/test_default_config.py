@@ -26,9 +26,13 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
         "train_videos": 512, "val_videos": 16, "seed": 0, "height": 192, "width": 320,
     }  # fmt: skip
     assert cfg["data"]["epoch_pairs"] == 920
-    # The synthetic default trains detection on the reference frame too and runs the backbone
-    # in bf16 (float32 maps out).
+    # The synthetic default trains detection on the reference frame too, runs the backbone
+    # in bf16 (float32 maps out) and associates across classes.
     assert model["ref_detection"] and model["backbone"]["autocast"] == "bf16"
+    assert model["nms_class_agnostic"] and model["edge_class_agnostic"]
+    # Heads in bf16 for training; the dynamic mask head runs at stride 4.
+    assert model["head_autocast"] == "bf16" and model["mask_feat_stride"] == 4
+    assert model["mask_branch"]["upsample"] == 2 and model["mask_upsample"] == 1
 
 
 def test_default_model_builds_and_outputs_three_levels() -> None:
@@ -56,7 +60,10 @@ def test_r50_keeps_the_paper_setup() -> None:
     # The paper's training and decoding: no reference-frame detection loss, full precision
     # unless trainer.precision says otherwise, per-class NMS, the usual tracker thresholds.
     assert not model["ref_detection"] and model["backbone"]["autocast"] is None
-    assert not model["nms_class_agnostic"]
+    assert not model["nms_class_agnostic"] and not model["edge_class_agnostic"]
+    assert model["mask_feat_stride"] == 8 and model["mask_upsample"] == 2
+    assert model["mask_branch"]["upsample"] == 1 and model["head_autocast"] is None
     assert cfg["tracker"]["score_threshold"] == 0.1
+    assert cfg["tracker"]["match_threshold"] == 0.5
     assert cfg["tracker"]["new_track_threshold"] == 0.2
     assert cfg["data"]["epoch_pairs"] is None

@@ -408,7 +408,7 @@ def test_head_autocast_bf16_trains_in_float32_outputs_close_to_full_precision():
             torch.testing.assert_close(b, a, rtol=0.05, atol=0.05)
             assert not torch.equal(a, b)  # bf16 did run
     for a, b in zip(full["kernel_maps"]["theta_t"], half["kernel_maps"]["theta_t"]):
-        assert b.dtype == torch.float32
+        assert b.dtype == torch.float32 and b.shape == a.shape
     assert half["mask_logits"].dtype == torch.float32
     losses = VisSTGCriterion()(half, batch)
     losses["loss"].backward()
