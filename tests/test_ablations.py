@@ -109,6 +109,28 @@ def test_variant_trains_a_step_and_runs_two_frames(fusion, association):
         assert net.track_state_keys == ()
 
 
+@pytest.mark.parametrize("association", ["embedding", "offset"])
+def test_class_agnostic_association_drops_the_class_cue(association):
+    """``edge_class_agnostic`` also removes the class cue of the ablation associations: their
+    scores no longer depend on the tracks' classes, while the class-aware cue changes them."""
+    # fusion none: the detections do not depend on the references, so the same frame again
+    # detects each reference at its own box.
+    net = variant("none", association, score_thresh=0.0, topk=10).eval()
+    out0, state0 = net.inference_step(frame(0)[0][None])
+    refs = second_frame_refs(net, out0)
+    relabelled = {**refs, "memory_labels": (refs["memory_labels"] + 1) % C}
+
+    def scores(agnostic, references):
+        net.edge_class_agnostic = agnostic
+        out, _ = net.inference_step(frame(0)[0][None], state0, references, image_size=(H, W))
+        return out["edge_scores"]
+
+    agnostic = scores(True, refs)
+    assert agnostic.max() > 0.5
+    torch.testing.assert_close(agnostic, scores(True, relabelled))
+    assert not torch.allclose(scores(False, refs), scores(False, relabelled))
+
+
 @pytest.mark.parametrize("ref_instances, tgt_instances", [(False, False), (True, False)])
 @pytest.mark.parametrize("association", ["embedding", "offset"])
 def test_association_losses_are_connected_without_instances(

@@ -99,7 +99,9 @@ class VisSTG(nn.Module):
         edge_class_agnostic: association edges join a reference to a detection (and are
             trained on target instances) of any class, not only of the reference's class
             (DESIGN.md). A track then survives a detection whose class flickers; its video
-            category is the score-weighted vote of its frames either way.
+            category is the score-weighted vote of its frames either way. The ablation
+            associations (``embedding``, ``offset``) drop their class cue with it, so Table 2
+            compares the three on equal terms.
         head_autocast: ``None``, ``"bf16"`` or ``"fp16"``: in training, run the detection head,
             controller and mask branch under ``torch.autocast`` in that dtype (float32 out; the
             graph, GNN, kernel warp, dynamic mask head and losses stay float32). The backbone
@@ -589,6 +591,9 @@ class VisSTG(nn.Module):
         outputs (``embeddings [Dn, E]`` / ``displacements [Dn, 2]`` input px)."""
         num_refs = ref_labels.numel()
         args = (det_batch, dets["levels"], dets["cells"])
+        det_labels = dets["labels"]
+        if self.edge_class_agnostic:  # no class cue: every (track, detection) pair may match
+            det_labels, ref_labels = torch.zeros_like(det_labels), torch.zeros_like(ref_labels)
         ref_boxes = _reference_boxes(references, num_refs, ref_centers)  # [R, 4]
         if self.embedding_head is not None:
             emb = gather_at_cells(self.embedding_head(maps), *args).float()  # [Dn, E]
@@ -603,14 +608,14 @@ class VisSTG(nn.Module):
                         f"{None if ref_emb is None else tuple(ref_emb.shape)} for {num_refs}"
                     )
             scores = self.embedding_head.scores(
-                emb, ref_emb.to(emb), dets["boxes"], ref_boxes, dets["labels"], ref_labels
+                emb, ref_emb.to(emb), dets["boxes"], ref_boxes, det_labels, ref_labels
             )
             return scores, {"embeddings": emb}
         off = gather_at_cells(self.offset_head(maps, f_prev), *args).float()  # [Dn, 2] cells
         stride = torch.tensor(self.strides, device=off.device, dtype=off.dtype)[dets["levels"]]
         disp = off * stride[:, None]  # [Dn, 2] input px, to the previous frame
         scores = self.offset_head.scores(
-            det_centers.float() + disp, dets["boxes"], ref_centers, ref_boxes, dets["labels"],
+            det_centers.float() + disp, dets["boxes"], ref_centers, ref_boxes, det_labels,
             ref_labels,
         )  # fmt: skip
         return scores, {"displacements": disp}
