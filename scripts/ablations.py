@@ -3,7 +3,7 @@
     python scripts/ablations.py [--grid table2 table1] [--seeds 0 1 2] [--epochs N]
         [--max-steps N] [--train-batches N] [--data standard hard] [--set KEY=VALUE ...]
         [--out-dir outputs/ablations] [--report docs/ablations.md] [--rerun] [--dry-run]
-        [--smoke]
+        [--no-train] [--smoke]
 
 Every row of the chosen grids is one ``python -m visstg.train`` run per seed and dataset, with
 the same budget (``--epochs`` / ``--max-steps`` / ``--train-batches``, else the training
@@ -18,7 +18,10 @@ config's) and the row's overrides:
 Each run goes to ``OUT/<data>/<row>/seed<S>/`` (``hydra.run.dir``) with its log in
 ``train.log``; the final validation of its best checkpoint is read back from the
 ``metrics.json`` the training writes. A run whose ``metrics.json`` exists is not run again
-(``--rerun`` forces it), so an interrupted grid continues where it stopped.
+(``--rerun`` forces it), so an interrupted grid continues where it stopped; one trained with
+other overrides (another budget, say) is an error rather than a row of a mixed table.
+``--no-train`` writes the report from the finished runs alone (e.g. after adding seeds to some
+rows: ``--seeds 0 1 --no-train``).
 
 ``--data hard`` adds a harder synthetic dataset (its own ``data.root``; longer occlusions, more
 same-class objects, faster motion: :data:`HARD`), where association quality matters more.
@@ -27,7 +30,8 @@ The report (``--report``, default ``docs/ablations.md``) has the paper's layout:
 dataset, one row per variant with AP, AP50, AP75, AR1, AR10 (the official YouTube-VIS metric, in
 percent), HOTA and AssA, mean +- standard deviation over the seeds, and the paper's AP beside
 them; then how the measured order of the rows compares with the paper's, the command line, the
-seeds, the budget and the data settings. ``--smoke`` runs a seconds-long version of everything
+seeds, the budget and the data settings. Text below the report's notes marker (the last
+generated line) is kept when the report is written again. ``--smoke`` runs a seconds-long version of everything
 (tiny data, one batch) to test the script itself.
 """
 
@@ -101,6 +105,8 @@ GRIDS: dict[str, dict] = {
     },
 }
 
+# Everything after this line of an existing report is kept when the report is written again.
+NOTES_MARKER = "<!-- notes below this line are kept when scripts/ablations.py rewrites the file -->"
 # The harder synthetic dataset: more objects, mostly of one class, long occlusions, fast motion.
 HARD = {
     "max_objects": 8,
@@ -150,13 +156,39 @@ class Result:
     error: str | None = None
 
 
-def run_one(cmd: list[str], run_dir: Path, rerun: bool, dry_run: bool) -> tuple[dict, float | None]:
-    """Train + evaluate one run (unless its metrics exist); returns (val metrics, seconds)."""
+def recorded_overrides(run_dir: Path) -> list[str] | None:
+    """The overrides a finished run was trained with (Hydra's ``.hydra/overrides.yaml``)."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return None
+    import yaml  # PyYAML comes with Hydra / OmegaConf
+
+    return [str(o) for o in yaml.safe_load(path.read_text()) or []]
+
+
+def run_one(
+    cmd: list[str], run_dir: Path, rerun: bool, dry_run: bool, no_train: bool = False
+) -> tuple[dict, float | None]:
+    """Train + evaluate one run (unless its metrics exist); returns (val metrics, seconds).
+
+    A finished run is reused only if it was trained with the same overrides (another budget or
+    data in the same ``--out-dir`` is an error, not a silently mixed table); ``no_train`` only
+    reads finished runs (``{}`` for a missing one)."""
     summary = run_dir / "metrics.json"
     timing = run_dir / "ablation_time.json"
     if summary.exists() and not rerun:
+        wanted = [a for a in cmd[cmd.index("visstg.train") + 1 :] if not a.startswith("hydra.")]
+        recorded = recorded_overrides(run_dir)
+        if recorded is not None and recorded != wanted:
+            changed = sorted(set(recorded) ^ set(wanted))
+            raise RuntimeError(
+                f"{run_dir} holds a run trained with other settings (differing overrides: "
+                f"{', '.join(changed)}); pass --rerun to replace it or choose another --out-dir"
+            )
         seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
         return json.loads(summary.read_text())["val"], seconds
+    if no_train:
+        return {}, None
     if dry_run:
         print(shlex.join(cmd))
         return {}, None
@@ -232,7 +264,8 @@ def write_report(path: Path, args, results: list[Result], command: str, base: li
         "```",
         "",
         f"- Seeds: {', '.join(map(str, args.seeds))} (one training run per seed; cells are the "
-        "mean ± sample standard deviation over the seeds).",
+        "mean ± sample standard deviation over the seeds of the row's `seeds` column, the runs "
+        "that exist).",
         f"- Budget per run (the same for every row): {budget_text(args)}.",
         f"- Overrides common to every run: `{' '.join(base) or '(none)'}`.",
         "- Metrics: the official YouTube-VIS AP / AR (in percent) and HOTA / AssA (trackeval) of "
@@ -256,7 +289,7 @@ def write_report(path: Path, args, results: list[Result], command: str, base: li
                 if r.error is None and r.metrics:
                     by_row.setdefault(r.row.name, []).append(r)
             lines += [f"## {spec['title']} ({data} data)", ""]
-            header = [*spec["columns"], *METRICS, "paper AP", "minutes/run"]
+            header = [*spec["columns"], *METRICS, "paper AP", "seeds", "minutes/run"]
             lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             for row in selected(spec["rows"], args.rows):
                 rs = by_row.get(row.name, [])
@@ -264,7 +297,8 @@ def write_report(path: Path, args, results: list[Result], command: str, base: li
                 secs = [r.seconds for r in rs if r.seconds is not None]
                 minutes = f"{statistics.mean(secs) / 60:.1f}" if secs else "-"
                 paper = f"{row.paper_ap:.1f}" if row.paper_ap is not None else "-"
-                lines.append("| " + " | ".join([*row.labels, *cells, paper, minutes]) + " |")
+                seeds = ", ".join(str(r.seed) for r in rs) or "-"
+                lines.append("| " + " | ".join([*row.labels, *cells, paper, seeds, minutes]) + " |")
             rows = selected(spec["rows"], args.rows)
             lines += ["", *order_comparison(rows, by_row), ""]
             failed = [r for r in sel if r.error is not None]
@@ -277,8 +311,12 @@ def write_report(path: Path, args, results: list[Result], command: str, base: li
         "checkpoints).",
         "",
     ]
+    # Hand-written notes below the marker survive a rewrite of the report.
+    old = path.read_text() if path.exists() else ""
+    notes = old.split(NOTES_MARKER, 1)[1] if NOTES_MARKER in old else "\n"
+    lines.append(NOTES_MARKER)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(lines) + notes)
 
 
 def selected(rows: tuple[Row, ...], names: list[str] | None) -> tuple[Row, ...]:
@@ -315,6 +353,11 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--report", type=Path, default=Path("docs/ablations.md"))
     p.add_argument("--rerun", action="store_true", help="run again rows that have metrics")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="write the report from the finished runs in --out-dir only (missing ones: '-')",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny data and budget (tests)")
     args = p.parse_args(argv)
     known = {r.name for g in args.grid for r in GRIDS[g]["rows"]}
@@ -358,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
                     res = Result(row, data, seed, run_dir)
                     print(f"[ablations] {grid} {row.name} {data} seed {seed} -> {run_dir}")
                     try:
-                        res.metrics, res.seconds = run_one(cmd, run_dir, args.rerun, args.dry_run)
+                        res.metrics, res.seconds = run_one(
+                            cmd, run_dir, args.rerun, args.dry_run, args.no_train
+                        )
                     except RuntimeError as err:
                         res.error = str(err)
                         print(f"[ablations]   failed: {err}", file=sys.stderr)

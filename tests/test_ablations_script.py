@@ -3,6 +3,7 @@ writes the report in the paper's layout."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,61 @@ def test_smoke_run_writes_the_report(tmp_path: Path) -> None:
     # A second call reuses the finished runs (no training) and writes the same table.
     again = run(*args, cwd=tmp_path)
     assert again.returncode == 0 and report.read_text().split("\n", 3)[3] == text.split("\n", 3)[3]
+
+
+def fake_finished_runs(tmp_path: Path, rows: dict[str, float]) -> dict[str, list[str]]:
+    """Finished runs (metrics.json + Hydra's overrides.yaml) of Table 1 rows, built from the
+    commands a dry run prints; returns each row's overrides."""
+    import shlex
+
+    import yaml
+
+    proc = run("--dry-run", "--grid", "table1", "--seeds", "0", "--epochs", "2",
+               "--out-dir", str(tmp_path / "out"), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    overrides = {}
+    for line in proc.stdout.splitlines():
+        if "-m visstg.train" not in line:
+            continue
+        args = shlex.split(line)
+        args = args[args.index("visstg.train") + 1 :]
+        run_dir = Path(next(a for a in args if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+        overrides[run_dir.parent.name] = [a for a in args if not a.startswith("hydra.")]
+        if run_dir.parent.name in rows:
+            (run_dir / ".hydra").mkdir(parents=True)
+            (run_dir / ".hydra" / "overrides.yaml").write_text(
+                yaml.safe_dump(overrides[run_dir.parent.name])
+            )
+            ap = rows[run_dir.parent.name]
+            (run_dir / "metrics.json").write_text(json.dumps({"val": {"AP": ap, "AP50": 2 * ap}}))
+    return overrides
+
+
+def test_report_from_finished_runs_keeps_notes_and_refuses_other_settings(tmp_path: Path):
+    import yaml
+
+    overrides = fake_finished_runs(tmp_path, {"iterations1": 0.25, "iterations2": 0.125})
+    assert len(overrides) == 4
+    report = tmp_path / "ablations.md"
+    marker = "<!-- notes below this line are kept when scripts/ablations.py rewrites the file -->"
+    report.write_text(f"old table\n{marker}\n## My reading\nhand-written\n")
+    args = ["--grid", "table1", "--seeds", "0", "--epochs", "2", "--no-train",
+            "--out-dir", str(tmp_path / "out"), "--report", str(report)]  # fmt: skip
+    proc = run(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = report.read_text()
+    assert "old table" not in text and text.endswith(f"{marker}\n## My reading\nhand-written\n")
+    assert "| Iterations | AP | AP50 | AP75 | AR1 | AR10 | HOTA | AssA | paper AP | seeds |" in text
+    assert "| 1 | 25.0 | 50.0 | - | - | - | - | - | 32.1 | 0 | - |" in text
+    assert "| 2 | 12.5 | 25.0 |" in text
+    assert "| 4 | - | - | - | - | - | - | - | 36.0 | - | - |" in text  # not run: not trained
+    assert not (tmp_path / "out" / "standard" / "iterations4" / "seed0").exists()
+
+    # A finished run trained with another budget is not mixed into the table.
+    other = tmp_path / "out" / "standard" / "iterations2" / "seed0" / ".hydra" / "overrides.yaml"
+    other.write_text(yaml.safe_dump([o.replace("=2", "=3") for o in overrides["iterations2"]]))
+    proc = run(*args, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "iterations2" in proc.stderr and "other settings" in proc.stderr
+    assert "trainer.max_epochs=3" in proc.stderr
+    assert "| 2 | - |" in report.read_text() and "hand-written" in report.read_text()
