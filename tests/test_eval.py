@@ -427,6 +427,29 @@ def test_cli_writes_metrics_and_nothing_else(tmp_path):
     assert json.loads((tmp_path / "m1.json").read_text()) == m
 
 
+def test_class_agnostic_scores_every_track_as_one_category(tmp_path):
+    # Two objects of categories 1 and 2, each tracked perfectly but with the other's category:
+    # both AP are 0; counting every category as one, both tracks match: AP 1.
+    gt = make_gt(
+        [{"video_id": 1, "category_id": 1, "segmentations": [B4] * 3},
+         {"video_id": 1, "category_id": 2, "segmentations": [FAR] * 3}],
+        n_cats=2,
+    )  # fmt: skip
+    res = [det([B4] * 3, 0.9, category_id=2), det([FAR] * 3, 0.8, category_id=1)]
+    assert evaluate(gt, res)["AP"] == 0.0
+    agnostic = evaluate(gt, res, class_agnostic=True)
+    assert agnostic["AP"] == ONE and agnostic["per_category_AP"] == {"object": ONE}
+    assert gt["categories"][0]["name"] == "cat1"  # the inputs are not modified
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps(res))
+    p = run_cli("gt=gt.json", "results=res.json", "output=m.json", "class_agnostic=true",
+                cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert "class-agnostic" in p.stdout
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["AP"] == pytest.approx(1.0) and m["class_agnostic"] is True
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -31,17 +31,24 @@ def evaluate_files(
     output: str | None = None,
     with_hota: bool = True,
     workers: int | None = None,
+    class_agnostic: bool = False,
 ) -> dict:
     """Score ``results`` against ``gt``, print the table, write ``output``; returns the metrics.
 
     ``workers``: processes sharing the per-video work, ``None`` one per available core (the
     numbers do not depend on it; see :func:`visstg.eval.parallel.map_forked`).
+    ``class_agnostic``: every track of both files counted as one category (a diagnostic).
     """
     from visstg.eval.table import format_table
     from visstg.eval.ytvis_eval import evaluate
 
     # One load and one set of per-frame intersections for both AP and HOTA.
-    metrics = evaluate(gt, results, with_hota=with_hota, workers=workers)
+    metrics = evaluate(
+        gt, results, with_hota=with_hota, workers=workers, class_agnostic=class_agnostic
+    )
+    if class_agnostic:
+        print("class-agnostic: every category of the ground truth and the results scored as one")
+        metrics["class_agnostic"] = True
     print(format_table(metrics))
     if output:
         out = Path(output)
@@ -101,8 +108,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     # One process unless workers=N: this one holds torch (and maybe CUDA), unsafe to fork.
     workers = cfg.get("workers")
     return evaluate_files(
-        gt, str(results_path), cfg.output, cfg.hota, 1 if workers is None else workers
-    )
+        gt, str(results_path), cfg.output, cfg.hota, 1 if workers is None else workers,
+        bool(cfg.get("class_agnostic")),
+    )  # fmt: skip
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="evaluate")
@@ -119,7 +127,10 @@ def main(cfg: DictConfig) -> None:
         if not cfg.gt or not cfg.results:
             raise EvalInputError("give gt=GT.json and results=RESULTS.json (or ckpt_path=CKPT)")
         # workers=N: processes for the scoring, default (null) one per core.
-        evaluate_files(cfg.gt, cfg.results, cfg.output, cfg.hota, cfg.get("workers"))
+        evaluate_files(
+            cfg.gt, cfg.results, cfg.output, cfg.hota, cfg.get("workers"),
+            bool(cfg.get("class_agnostic")),
+        )  # fmt: skip
     except (EvalInputError, FileExistsError) as e:
         sys.exit(f"error: {e}")
 

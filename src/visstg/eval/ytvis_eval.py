@@ -111,13 +111,25 @@ def _occlusion_value(ann: Mapping) -> float | None:
     return float(occ)
 
 
-def prepare(gt: PathLike | Mapping, results: PathLike | Sequence) -> Prepared:
+AGNOSTIC_CATEGORY = {"id": 1, "name": "object"}
+
+
+def prepare(
+    gt: PathLike | Mapping, results: PathLike | Sequence, class_agnostic: bool = False
+) -> Prepared:
     """Load, check and group ground truth and results (see :mod:`visstg.eval.results`).
 
-    Mask areas are filled later, per video (:func:`score_video`).
+    Mask areas are filled later, per video (:func:`score_video`). ``class_agnostic``: every
+    ground-truth and result track is given the one category ``object`` (a diagnostic, not the
+    benchmark: what AP the masks and tracks would reach with every class right).
     """
     gt = load_gt(gt)
     dts = load_results(results, gt)
+    if class_agnostic:
+        gt["categories"] = [dict(AGNOSTIC_CATEGORY)]
+        one = AGNOSTIC_CATEGORY["id"]
+        gt["annotations"] = [{**a, "category_id": one} for a in gt["annotations"]]
+        dts = [{**d, "category_id": one} for d in dts]
     cats = {c["id"]: c.get("name", str(c["id"])) for c in gt["categories"]}
     p = Prepared(
         vid_ids=sorted({v["id"] for v in gt["videos"]}),
@@ -474,6 +486,7 @@ def evaluate(
     results: PathLike | Sequence,
     with_hota: bool = False,
     workers: int | None = 1,
+    class_agnostic: bool = False,
 ) -> dict:
     """YouTube-VIS video AP/AR of a results file (or list) against ground truth.
 
@@ -485,6 +498,7 @@ def evaluate(
         workers: processes that share the per-video work (:func:`visstg.eval.parallel.map_forked`:
             forked copies of this one; the numbers are the same for any count). ``None``: one
             per available core; the default 1 never forks (safe inside a training process).
+        class_agnostic: score every track as one category (:func:`prepare`), a diagnostic.
 
     Returns:
         dict with the 12 official statistics as floats (``STAT_KEYS``: AP ... ARl; fractions,
@@ -496,11 +510,11 @@ def evaluate(
     # Millions of small dicts and arrays: the cyclic garbage collector would walk them again
     # and again for nothing (they hold no cycles); they are freed before it resumes.
     with paused_gc():
-        return _evaluate(gt, results, with_hota, workers)
+        return _evaluate(gt, results, with_hota, workers, class_agnostic)
 
 
-def _evaluate(gt, results, with_hota: bool, workers: int | None) -> dict:
-    p = prepare(gt, results)
+def _evaluate(gt, results, with_hota: bool, workers: int | None, class_agnostic: bool) -> dict:
+    p = prepare(gt, results, class_agnostic)
     if not any(p.dts.values()):
         log.warning(
             "the results hold no track: every statistic that has ground truth is 0 "
