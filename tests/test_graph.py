@@ -95,6 +95,10 @@ def test_attributes_are_consistent():
     yx = graph.pix_yx[col]
     assert ((yx[:, 0] - cell[:, 1]).abs() <= radius).all()
     assert ((yx[:, 1] - cell[:, 0]).abs() <= radius).all()
+    # edge_offset: the pixel's (dy, dx) from that cell over the window radius.
+    rel = torch.stack([yx[:, 0] - cell[:, 1], yx[:, 1] - cell[:, 0]], dim=1) / radius[:, None]
+    assert torch.allclose(graph.edge_offset, rel.float())
+    assert graph.edge_offset.abs().max() == 1
     # Pixel indexing: level_offsets[l] + (b * H_l + y) * W_l + x.
     off = graph.level_offsets
     for lvl, (h, w) in enumerate(graph.level_shapes):
@@ -157,3 +161,22 @@ def test_graph_builder_end_to_end():
     assert graph.x_ref.shape == (25, D)
     graph.edge_attr.sum().backward()
     assert builder.encoder.fc.weight.grad is not None
+
+
+def test_edge_position_adds_the_window_offset_encoding():
+    feats = pyramid(3)
+    torch.manual_seed(0)
+    plain = GraphBuilder(in_channels=D, strides=STRIDES, windows=WINDOWS, hidden=4)
+    assert plain.position is None
+    with_pos = GraphBuilder(
+        in_channels=D, strides=STRIDES, windows=WINDOWS, hidden=4, edge_position=True
+    )
+    with_pos.encoder.load_state_dict(plain.encoder.state_dict())
+    g0, g1 = plain(feats, BOXES, feats), with_pos(feats, BOXES, feats)
+    assert torch.equal(g0.edge_index, g1.edge_index)
+    torch.testing.assert_close(g1.edge_attr, g0.edge_attr + with_pos.position(g0.edge_offset))
+    # Two edges of one reference node with the same appearance difference but different
+    # offsets now differ.
+    assert not torch.allclose(g1.edge_attr - g0.edge_attr, (g1.edge_attr - g0.edge_attr)[:1])
+    g1.edge_attr.sum().backward()
+    assert all(p.grad is not None for p in with_pos.position.parameters())

@@ -140,7 +140,8 @@ def build_graph(
         - ``ref_instance [R]`` (into the M reference instances), ``ref_level [R]``,
           ``ref_batch [R]``
         - ``pix_level [P]``, ``pix_batch [P]``, ``pix_yx [P, 2]`` (cell row, column),
-          ``edge_level [E]``
+          ``edge_level [E]``, ``edge_offset [E, 2]`` (the pixel's (dy, dx) from the reference
+          centre's cell, divided by the window radius: in ``[-1, 1]``)
         - ``level_offsets`` LongTensor ``[L + 1]``: level l's pixels are
           ``x_pix[level_offsets[l]:level_offsets[l + 1]]``, pixel (b, y, x) of level l is
           ``level_offsets[l] + (b * H_l + y) * W_l + x``
@@ -170,7 +171,7 @@ def build_graph(
     ref_level = torch.arange(num_levels, device=device).repeat(m)  # [R]
 
     x_pix, pix_level, pix_batch, pix_yx = [], [], [], []
-    rows, cols, edge_level = [], [], []
+    rows, cols, edge_level, edge_offset = [], [], [], []
     level_shapes = []
     offsets = [0]
     for lvl, (feat, stride, window) in enumerate(zip(tgt_feats, strides, windows)):
@@ -198,6 +199,8 @@ def build_graph(
         rows.append(ref[inside])
         cols.append(pix[inside])
         edge_level.append(torch.full_like(cols[-1], lvl))
+        rel = torch.stack([dy, dx], dim=-1).reshape(1, -1, 2) / max(r, 1)  # [1, w*w, 2]
+        edge_offset.append(rel.expand(m, -1, -1)[inside])  # [E_l, 2]
         offsets.append(offsets[-1] + b * h * w)
 
     x_pix = torch.cat(x_pix)  # [P, D]
@@ -215,6 +218,7 @@ def build_graph(
         pix_batch=torch.cat(pix_batch),
         pix_yx=torch.cat(pix_yx),
         edge_level=torch.cat(edge_level),
+        edge_offset=torch.cat(edge_offset).to(edge_attr.dtype),
         level_offsets=torch.tensor(offsets, device=device, dtype=torch.long),
         level_shapes=level_shapes,
         num_images=int(num_images),
@@ -242,6 +246,10 @@ class GraphBuilder(nn.Module):
         strides: stride of each level.
         windows: odd window size per level (paper 3.2's w; default 9, 7, 5, 3, 3 for P3-P7).
         roi_size, hidden: ``ReferenceEncoder`` settings.
+        edge_position: add a learned encoding of each edge's window offset (``edge_offset``,
+            a 2 -> D -> D MLP) to its initial feature ``|x_ref - x_pix|``. Off by default, as
+            in the paper, whose edges see appearance only: inside a window (9 x 9 cells at P3)
+            two objects that look alike are then told apart by nothing but the GNN's context.
     """
 
     def __init__(
@@ -251,6 +259,7 @@ class GraphBuilder(nn.Module):
         windows: Sequence[int] = (9, 7, 5, 3, 3),
         roi_size: int = 7,
         hidden: int = 64,
+        edge_position: bool = False,
     ) -> None:
         super().__init__()
         if len(strides) != len(windows):
@@ -258,6 +267,15 @@ class GraphBuilder(nn.Module):
         self.strides = tuple(int(s) for s in strides)
         self.windows = tuple(int(w) for w in windows)
         self.encoder = ReferenceEncoder(in_channels, in_channels, self.strides, roi_size, hidden)
+        self.position = (
+            nn.Sequential(
+                nn.Linear(2, in_channels),
+                nn.ReLU(inplace=True),
+                nn.Linear(in_channels, in_channels),
+            )
+            if edge_position
+            else None
+        )
 
     def encode_reference(
         self, feats: Sequence[Tensor], boxes_per_image: Sequence[Tensor]
@@ -268,8 +286,14 @@ class GraphBuilder(nn.Module):
     def build_graph(
         self, ref_nodes: Tensor, ref_centers: Tensor, ref_batch: Tensor, tgt_feats: Sequence[Tensor]
     ) -> Data:
-        """See the module-level ``build_graph``; strides and windows come from this builder."""
-        return build_graph(ref_nodes, ref_centers, ref_batch, tgt_feats, self.strides, self.windows)
+        """See the module-level ``build_graph``; strides and windows come from this builder
+        (and with ``edge_position`` the window offset's encoding is added to ``edge_attr``)."""
+        graph = build_graph(
+            ref_nodes, ref_centers, ref_batch, tgt_feats, self.strides, self.windows
+        )
+        if self.position is not None:
+            graph.edge_attr = graph.edge_attr + self.position(graph.edge_offset)
+        return graph
 
     def forward(
         self,
