@@ -372,9 +372,9 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    command = shlex.join(
-        ["python", "scripts/ablations.py", *(sys.argv[1:] if argv is None else argv)]
-    )
+    # The command that trains what the report shows (--no-train only re-reads the runs).
+    given = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-train"]
+    command = shlex.join(["python", "scripts/ablations.py", *given])
     base = ["logger=csv", "callbacks.progress_bar=null", "evaluate_after_fit=true"]
     if args.smoke:
         base.append("model.dim=64")

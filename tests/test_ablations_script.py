@@ -107,6 +107,9 @@ def test_report_from_finished_runs_keeps_notes_and_refuses_other_settings(tmp_pa
     assert "| 1 | 25.0 | 50.0 | - | - | - | - | - | 32.1 | 0 | - |" in text
     assert "| 2 | 12.5 | 25.0 |" in text
     assert "| 4 | - | - | - | - | - | - | - | 36.0 | - | - |" in text  # not run: not trained
+    # The report names the command that trains its runs.
+    assert "python scripts/ablations.py --grid table1 --seeds 0 --epochs 2 --out-dir" in text
+    assert "--no-train" not in text
     assert not (tmp_path / "out" / "standard" / "iterations4" / "seed0").exists()
 
     # A finished run trained with another budget is not mixed into the table.
