@@ -33,6 +33,8 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     # Heads in bf16 for training; the dynamic mask head runs at stride 4.
     assert model["head_autocast"] == "bf16" and model["mask_feat_stride"] == 4
     assert model["mask_branch"]["upsample"] == 2 and model["mask_upsample"] == 1
+    # One GNN update (docs/ablations.md, Table 1).
+    assert model["gnn"]["iterations"] == 1
 
 
 def test_default_model_builds_and_outputs_three_levels() -> None:
@@ -54,6 +56,7 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert cfg["scheduler"]["milestones"] == [16, 22] and cfg["trainer"]["max_epochs"] == 24
     assert model["backbone"]["depth"] == 50 and model["backbone"].get("num_levels", 5) == 5
     assert model["strides"] == [8, 16, 32, 64, 128] and model["dim"] == 256
+    assert model["gnn"]["iterations"] == 3
     assert not (model["det_head"]["norm"] or model["controller"]["norm"])
     assert not model["mask_branch"]["norm"]
     assert cfg["trainer"]["gradient_clip_val"] is None
