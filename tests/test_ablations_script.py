@@ -62,11 +62,13 @@ def test_smoke_run_writes_the_report(tmp_path: Path) -> None:
 
 
 def fake_finished_runs(tmp_path: Path, rows: dict[str, float]) -> dict[str, list[str]]:
-    """Finished runs (metrics.json + Hydra's overrides.yaml) of Table 1 rows, built from the
+    """Finished runs (metrics.json + Hydra's config.yaml) of Table 1 rows, built from the
     commands a dry run prints; returns each row's overrides."""
     import shlex
 
-    import yaml
+    from omegaconf import OmegaConf
+
+    from visstg.config import compose
 
     proc = run("--dry-run", "--grid", "table1", "--seeds", "0", "--epochs", "2",
                "--out-dir", str(tmp_path / "out"), cwd=tmp_path)  # fmt: skip
@@ -81,8 +83,8 @@ def fake_finished_runs(tmp_path: Path, rows: dict[str, float]) -> dict[str, list
         overrides[run_dir.parent.name] = [a for a in args if not a.startswith("hydra.")]
         if run_dir.parent.name in rows:
             (run_dir / ".hydra").mkdir(parents=True)
-            (run_dir / ".hydra" / "overrides.yaml").write_text(
-                yaml.safe_dump(overrides[run_dir.parent.name])
+            OmegaConf.save(
+                compose("train", overrides[run_dir.parent.name]), run_dir / ".hydra" / "config.yaml"
             )
             ap = rows[run_dir.parent.name]
             (run_dir / "metrics.json").write_text(json.dumps({"val": {"AP": ap, "AP50": 2 * ap}}))
@@ -90,7 +92,7 @@ def fake_finished_runs(tmp_path: Path, rows: dict[str, float]) -> dict[str, list
 
 
 def test_report_from_finished_runs_keeps_notes_and_refuses_other_settings(tmp_path: Path):
-    import yaml
+    from omegaconf import OmegaConf
 
     overrides = fake_finished_runs(tmp_path, {"iterations1": 0.25, "iterations2": 0.125})
     assert len(overrides) == 4
@@ -112,11 +114,16 @@ def test_report_from_finished_runs_keeps_notes_and_refuses_other_settings(tmp_pa
     assert "--no-train" not in text
     assert not (tmp_path / "out" / "standard" / "iterations4" / "seed0").exists()
 
-    # A finished run trained with another budget is not mixed into the table.
-    other = tmp_path / "out" / "standard" / "iterations2" / "seed0" / ".hydra" / "overrides.yaml"
-    other.write_text(yaml.safe_dump([o.replace("=2", "=3") for o in overrides["iterations2"]]))
+    # A finished run trained with another budget (or under another default) is not mixed in.
+    other = tmp_path / "out" / "standard" / "iterations2" / "seed0" / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(other)
+    del cfg.model.graph["windows"]  # an option added since the run is not compared ...
+    OmegaConf.save(cfg, other)
+    assert run(*args, cwd=tmp_path).returncode == 0
+    cfg.trainer.max_epochs = 3  # ... a value that differs is
+    OmegaConf.save(cfg, other)
     proc = run(*args, cwd=tmp_path)
     assert proc.returncode == 1
     assert "iterations2" in proc.stderr and "other settings" in proc.stderr
-    assert "trainer.max_epochs=3" in proc.stderr
+    assert "trainer.max_epochs: run 3, now 2" in proc.stderr
     assert "| 2 | - |" in report.read_text() and "hand-written" in report.read_text()
