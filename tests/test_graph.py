@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from visstg.model.graph import GraphBuilder, ReferenceEncoder, build_graph, pixels_to_maps
+from visstg.model.graph import (
+    GraphBuilder,
+    ReferenceEncoder,
+    build_graph,
+    edge_offsets,
+    pixels_to_maps,
+)
 
 STRIDES = (8, 16, 32, 64, 128)
 WINDOWS = (9, 7, 5, 3, 3)
@@ -95,10 +101,11 @@ def test_attributes_are_consistent():
     yx = graph.pix_yx[col]
     assert ((yx[:, 0] - cell[:, 1]).abs() <= radius).all()
     assert ((yx[:, 1] - cell[:, 0]).abs() <= radius).all()
-    # edge_offset: the pixel's (dy, dx) from that cell over the window radius.
+    # edge_offsets: the pixel's (dy, dx) from that cell over the window radius.
     rel = torch.stack([yx[:, 0] - cell[:, 1], yx[:, 1] - cell[:, 0]], dim=1) / radius[:, None]
-    assert torch.allclose(graph.edge_offset, rel.float())
-    assert graph.edge_offset.abs().max() == 1
+    offsets = edge_offsets(graph, centers, STRIDES, WINDOWS)
+    assert torch.allclose(offsets, rel.float())
+    assert offsets.abs().max() == 1
     # Pixel indexing: level_offsets[l] + (b * H_l + y) * W_l + x.
     off = graph.level_offsets
     for lvl, (h, w) in enumerate(graph.level_shapes):
@@ -174,7 +181,9 @@ def test_edge_position_adds_the_window_offset_encoding():
     with_pos.encoder.load_state_dict(plain.encoder.state_dict())
     g0, g1 = plain(feats, BOXES, feats), with_pos(feats, BOXES, feats)
     assert torch.equal(g0.edge_index, g1.edge_index)
-    torch.testing.assert_close(g1.edge_attr, g0.edge_attr + with_pos.position(g0.edge_offset))
+    boxes = torch.cat(BOXES)
+    offsets = edge_offsets(g0, (boxes[:, :2] + boxes[:, 2:]) / 2, STRIDES, WINDOWS)
+    torch.testing.assert_close(g1.edge_attr, g0.edge_attr + with_pos.position(offsets))
     # Two edges of one reference node with the same appearance difference but different
     # offsets now differ.
     assert not torch.allclose(g1.edge_attr - g0.edge_attr, (g1.edge_attr - g0.edge_attr)[:1])

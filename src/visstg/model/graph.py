@@ -140,8 +140,7 @@ def build_graph(
         - ``ref_instance [R]`` (into the M reference instances), ``ref_level [R]``,
           ``ref_batch [R]``
         - ``pix_level [P]``, ``pix_batch [P]``, ``pix_yx [P, 2]`` (cell row, column),
-          ``edge_level [E]``, ``edge_offset [E, 2]`` (the pixel's (dy, dx) from the reference
-          centre's cell, divided by the window radius: in ``[-1, 1]``)
+          ``edge_level [E]``
         - ``level_offsets`` LongTensor ``[L + 1]``: level l's pixels are
           ``x_pix[level_offsets[l]:level_offsets[l + 1]]``, pixel (b, y, x) of level l is
           ``level_offsets[l] + (b * H_l + y) * W_l + x``
@@ -171,7 +170,7 @@ def build_graph(
     ref_level = torch.arange(num_levels, device=device).repeat(m)  # [R]
 
     x_pix, pix_level, pix_batch, pix_yx = [], [], [], []
-    rows, cols, edge_level, edge_offset = [], [], [], []
+    rows, cols, edge_level = [], [], []
     level_shapes = []
     offsets = [0]
     for lvl, (feat, stride, window) in enumerate(zip(tgt_feats, strides, windows)):
@@ -199,8 +198,6 @@ def build_graph(
         rows.append(ref[inside])
         cols.append(pix[inside])
         edge_level.append(torch.full_like(cols[-1], lvl))
-        rel = torch.stack([dy, dx], dim=-1).reshape(1, -1, 2) / max(r, 1)  # [1, w*w, 2]
-        edge_offset.append(rel.expand(m, -1, -1)[inside])  # [E_l, 2]
         offsets.append(offsets[-1] + b * h * w)
 
     x_pix = torch.cat(x_pix)  # [P, D]
@@ -218,12 +215,33 @@ def build_graph(
         pix_batch=torch.cat(pix_batch),
         pix_yx=torch.cat(pix_yx),
         edge_level=torch.cat(edge_level),
-        edge_offset=torch.cat(edge_offset).to(edge_attr.dtype),
         level_offsets=torch.tensor(offsets, device=device, dtype=torch.long),
         level_shapes=level_shapes,
         num_images=int(num_images),
         num_nodes=x_ref.shape[0] + x_pix.shape[0],
     )
+
+
+def edge_offsets(
+    graph: Data, ref_centers: Tensor, strides: Sequence[int], windows: Sequence[int]
+) -> Tensor:
+    """``[E, 2]``: each edge's pixel (dy, dx) from its reference centre's cell on the edge's
+    level, divided by that level's window radius (so in ``[-1, 1]``).
+
+    Args:
+        graph: ``build_graph`` output; ref_centers: ``[M, 2]`` (x, y) in input pixels, as
+            given to it; strides, windows: per level, as given to it.
+    """
+    row, col = graph.edge_index
+    device = graph.pix_yx.device
+    level = graph.edge_level
+    stride = torch.tensor([float(v) for v in strides], device=device)[level]  # [E]
+    radius = (torch.tensor(list(windows), device=device)[level] // 2).clamp(min=1)  # [E]
+    center = ref_centers.to(device=device, dtype=torch.float32)[graph.ref_instance[row]]
+    cell = torch.floor(center / stride[:, None]).long()  # [E, 2] (x, y)
+    yx = graph.pix_yx[col]  # [E, 2] (y, x)
+    rel = torch.stack([yx[:, 0] - cell[:, 1], yx[:, 1] - cell[:, 0]], dim=1)  # [E, 2] (dy, dx)
+    return rel.to(graph.edge_attr.dtype) / radius[:, None]
 
 
 def pixels_to_maps(x_pix: Tensor, graph: Data) -> list[Tensor]:
@@ -246,10 +264,11 @@ class GraphBuilder(nn.Module):
         strides: stride of each level.
         windows: odd window size per level (paper 3.2's w; default 9, 7, 5, 3, 3 for P3-P7).
         roi_size, hidden: ``ReferenceEncoder`` settings.
-        edge_position: add a learned encoding of each edge's window offset (``edge_offset``,
-            a 2 -> D -> D MLP) to its initial feature ``|x_ref - x_pix|``. Off by default, as
-            in the paper, whose edges see appearance only: inside a window (9 x 9 cells at P3)
-            two objects that look alike are then told apart by nothing but the GNN's context.
+        edge_position: add a learned encoding of each edge's window offset
+            (:func:`edge_offsets`, a 2 -> D -> D MLP) to its initial feature
+            ``|x_ref - x_pix|``. Off by default, as in the paper, whose edges see appearance
+            only: inside a window (9 x 9 cells at P3) two objects that look alike are then told
+            apart by nothing but the GNN's context.
     """
 
     def __init__(
@@ -292,7 +311,8 @@ class GraphBuilder(nn.Module):
             ref_nodes, ref_centers, ref_batch, tgt_feats, self.strides, self.windows
         )
         if self.position is not None:
-            graph.edge_attr = graph.edge_attr + self.position(graph.edge_offset)
+            offsets = edge_offsets(graph, ref_centers, self.strides, self.windows)  # [E, 2]
+            graph.edge_attr = graph.edge_attr + self.position(offsets)
         return graph
 
     def forward(
