@@ -32,8 +32,8 @@ dataset, one row per variant with AP, AP50, AP75, AR1, AR10 (the official YouTub
 percent), HOTA and AssA, mean +- standard deviation over the seeds, and the paper's AP beside
 them; then how the measured order of the rows compares with the paper's, the command line, the
 seeds, the budget and the data settings. Text below the report's notes marker (the last
-generated line) is kept when the report is written again. ``--smoke`` runs a seconds-long version of everything
-(tiny data, one batch) to test the script itself.
+generated line) is kept when the report is written again. ``--smoke`` runs a seconds-long
+version of everything (tiny data, one batch) to test the script itself.
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
     python scripts/bench_data.py [--steps N] [train overrides, e.g. data.num_workers=2]
 
 Composes conf/train.yaml (the training default, see README: synthetic data; batch size,
-loader workers and model from the config and the overrides), then times (1) the train DataLoader delivering N batches (after the first, which pays the worker
-start-up) with nothing else running, and (2) N training steps (forward, criterion, backward,
-SGD step) on one fixed batch. Prints both rates and their ratio; the target is a ratio >= 2
+loader workers and model from the config and the overrides), then times (1) the train
+DataLoader delivering N batches (after the first, which pays the worker start-up) with nothing
+else running, and (2) N training steps (forward, criterion, backward, SGD step) on one fixed
+batch. Prints both rates and their ratio; the target is a ratio >= 2
 (batches arrive at least twice as fast as the step consumes them). Add --json PATH for a report.
 """
 

@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     for stride in args.strides:
         ious = np.array([oracle_iou(m, args.input_size, stride) for m in masks])
         print(
-            f"stride {stride}: mean IoU {ious.mean():.3f}, IoU >= 0.75 {np.mean(ious >= 0.75):.2f}, "
-            f">= 0.9 {np.mean(ious >= 0.9):.2f}"
+            f"stride {stride}: mean IoU {ious.mean():.3f}, "
+            f"IoU >= 0.75 {np.mean(ious >= 0.75):.2f}, >= 0.9 {np.mean(ious >= 0.9):.2f}"
         )
     return 0
 

@@ -118,9 +118,9 @@ def edge_training_targets(
     An edge (reference node i, pixel j) is kept when pixel j is the centre cell of a target
     ground-truth instance on that instance's assigned level, and the reference instance of node i
     has that instance's class (any class with ``class_agnostic``: the instances of other classes
-    in the window become negatives too). Its label is 1 iff both share the track id. When several target
-    instances share a centre cell (same level and image), the one that comes last in the
-    assignment (highest row) owns the pixel.
+    in the window become negatives too). Its label is 1 iff both share the track id. When
+    several target instances share a centre cell (same level and image), the one that comes last
+    in the assignment (highest row) owns the pixel.
 
     Args:
         graph: the spatio-temporal graph (``edge_index``, ``ref_instance``, ``level_offsets``,
