@@ -15,6 +15,7 @@ from visstg.model.detection import (
     gather_at_cells,
     gaussian_radius,
     heatmap_targets,
+    neighbour_cells,
 )
 from visstg.model.losses import centernet_focal_loss
 
@@ -117,6 +118,34 @@ def test_class_agnostic_nms_keeps_one_class_per_object():
     pred, _ = _perfect_prediction(b, 1)
     agnostic = decode_detections(pred, STRIDES, size, class_agnostic=True)[0]
     assert sorted(agnostic["labels"].tolist()) == [0, 1]
+
+
+def test_neighbour_cells_keep_window_cells_on_the_map_and_in_the_box():
+    a = assign_targets([FRAME], SHAPES, STRIDES, RANGES)
+    rows, cells = neighbour_cells(a, SHAPES, STRIDES, radius=0)
+    assert rows.tolist() == [0, 1, 2, 3, 4] and torch.equal(cells, a.cell)
+
+    rows, cells = neighbour_cells(a, SHAPES, STRIDES, radius=1)
+    # box 0 [10, 12, 20, 21] on P3: centre cell (y=2, x=1); cell centres 4/12/20 px in x and
+    # 12/20/28 px in y, so the window keeps y, x in {1, 2}.
+    got0 = sorted(map(tuple, cells[rows == 0].tolist()))
+    assert a.cell[0].tolist() == [2, 1] and got0 == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    for i in range(len(a)):  # every instance against the rule, cell by cell
+        stride, (h, w) = STRIDES[int(a.level[i])], SHAPES[int(a.level[i])]
+        x0, y0, x1, y1 = a.boxes[i].tolist()
+        cy, cx = a.cell[i].tolist()
+        want = {
+            (y, x)
+            for y in range(cy - 1, cy + 2)
+            for x in range(cx - 1, cx + 2)
+            if (y, x) == (cy, cx)
+            or (
+                0 <= y < h and 0 <= x < w
+                and x0 <= (x + 0.5) * stride <= x1 and y0 <= (y + 0.5) * stride <= y1
+            )
+        }  # fmt: skip
+        assert set(map(tuple, cells[rows == i].tolist())) == want
+    assert rows.tolist() == sorted(rows.tolist())  # grouped by instance, in order
 
 
 def test_decode_clips_to_valid_region_and_drops_padding_peaks():

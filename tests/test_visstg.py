@@ -11,9 +11,10 @@ from visstg.config import compose
 from visstg.model import VisSTG, VisSTGCriterion
 from visstg.model.backbone import ResNetFPN
 from visstg.model.criterion import LOSS_KEYS
-from visstg.model.detection import CenterNetHead
+from visstg.model.detection import CenterNetHead, neighbour_cells
 from visstg.model.gnn import SpatialTemporalGNN
 from visstg.model.graph import GraphBuilder
+from visstg.model.losses import downsample_masks
 from visstg.model.propagation import KernelWarp
 from visstg.model.segmentation import Controller, MaskBranch
 from visstg.model.tracking import EdgeClassifier
@@ -104,6 +105,36 @@ def test_forward_train_outputs():
     assert len(out["tgt_assignment"]) == 2 and len(out["ref_assignment"]) == 2
     losses = VisSTGCriterion()(out, batch)
     assert set(LOSS_KEYS) | {"loss"} == set(losses)
+
+
+def test_mask_neighbours_train_the_kernels_around_each_centre():
+    batch = pair_batch()
+    centre = tiny_net().forward_train(batch)
+    assert centre["mask_rows"].tolist() == centre["ref_mask_rows"].tolist() == [0, 1]
+    net = tiny_net(mask_neighbours=1)
+    out = net.forward_train(batch)
+    rows = out["mask_rows"]
+    tgt = out["tgt_assignment"]
+    _, cells = neighbour_cells(tgt, out["level_shapes"], net.strides, radius=1)
+    # Both objects are several P3/P4 cells across: every instance gets its centre cell and more.
+    assert rows.unique().tolist() == [0, 1] and len(rows) > 2
+    assert out["mask_logits"].shape == (len(rows), H // 4, W // 4)
+    assert out["ref_mask_logits"].shape == (len(out["ref_mask_rows"]), H // 4, W // 4)
+    # M' (warped kernels) stays one row per target instance.
+    assert out["mask_warp_logits"].shape == (2, H // 4, W // 4)
+    # The centre cell's mask is the same kernel read as without neighbours.
+    at_centre = (cells == tgt.cell[rows]).all(1)
+    assert rows[at_centre].tolist() == [0, 1]
+    torch.testing.assert_close(out["mask_logits"][at_centre], centre["mask_logits"])
+    losses = VisSTGCriterion()(out, batch)
+    assert torch.isfinite(losses["loss"])
+    # The loss pairs each row with its own instance's mask: logits that draw each row's mask
+    # score ~0, the same logits with the two objects' rows swapped score high.
+    masks = downsample_masks(batch["tgt_targets"][0]["masks"][rows], 4)
+    perfect = dict(out, mask_logits=40 * masks - 20)
+    swapped = dict(perfect, mask_rows=1 - rows)
+    assert VisSTGCriterion()(perfect, batch)["loss_mask"] < 0.05
+    assert VisSTGCriterion()(swapped, batch)["loss_mask"] > 0.5
 
 
 def test_overfitting_one_pair_reduces_every_loss():

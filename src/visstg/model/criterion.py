@@ -103,9 +103,19 @@ class VisSTGCriterion(nn.Module):
         self.min_overlap = min_overlap
         self.mask_target_stride = mask_target_stride
 
-    def _dice(self, logits: Tensor, targets: Sequence[dict[str, Tensor]], a: Assignment) -> Tensor:
+    def _dice(
+        self,
+        logits: Tensor,
+        targets: Sequence[dict[str, Tensor]],
+        a: Assignment,
+        rows: Tensor | None = None,
+    ) -> Tensor:
+        """Dice of ``logits [K, h, w]`` against the masks of ``a``'s instances ``rows`` (every
+        instance once, in order, when None)."""
         shape = tuple(targets[0]["masks"].shape[-2:]) if targets else (0, 0)
         masks = assignment_masks(targets, a, shape).to(logits.device)  # [N, H, W]
+        if rows is not None:
+            masks = masks[rows]  # [K, H, W]
         soft = downsample_masks(masks, self.mask_target_stride)  # [N, H/4, W/4]
         return dice_loss(logits, _match(logits, soft))
 
@@ -135,13 +145,19 @@ class VisSTGCriterion(nn.Module):
         # Keeps every kernel map (and so the controller / warp module) in the graph even when
         # a frame has no instance and the gathered kernels are empty.
         zero = sum(m.sum() for maps in outputs["kernel_maps"].values() for m in maps) * 0
-        losses["loss_mask"] = self._dice(outputs["mask_logits"], batch["tgt_targets"], tgt) + zero
+        losses["loss_mask"] = (
+            self._dice(outputs["mask_logits"], batch["tgt_targets"], tgt, outputs.get("mask_rows"))
+            + zero
+        )
         warp = outputs.get("mask_warp_logits")
         losses["loss_mask_warp"] = (
             self._dice(warp, batch["tgt_targets"], tgt) + zero if warp is not None else zero
         )
         losses["loss_mask_ref"] = (
-            self._dice(outputs["ref_mask_logits"], batch["ref_targets"], ref) + zero
+            self._dice(
+                outputs["ref_mask_logits"], batch["ref_targets"], ref, outputs.get("ref_mask_rows")
+            )
+            + zero
         )
 
         ref_labels = torch.cat([t["labels"].long() for t in batch["ref_targets"]])  # [M]

@@ -37,6 +37,7 @@ __all__ = [
     "gather_at_cells",
     "gaussian_radius",
     "heatmap_targets",
+    "neighbour_cells",
 ]
 
 DEFAULT_STRIDES = (8, 16, 32, 64, 128)
@@ -264,6 +265,44 @@ def assign_targets(
         track_ids=track_ids,
         instance=instance,
     )
+
+
+def neighbour_cells(
+    assignment: Assignment,
+    level_shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    radius: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Cells of the ``(2 radius + 1)^2`` window around every instance's centre cell.
+
+    A window cell is kept when it lies on its level's map and its centre ``(x + 0.5) * stride``
+    is inside the instance's box; the centre cell itself is always kept. ``radius=0`` gives one
+    row per instance, the centre cells.
+
+    Returns:
+        ``rows [K]`` (assignment row of each cell, grouped by row in order) and
+        ``cells [K, 2]`` ``(y, x)`` on the row's level.
+    """
+    n = len(assignment)
+    rows = torch.arange(n, device=assignment.cell.device)
+    if radius <= 0 or n == 0:
+        return rows, assignment.cell
+    d = torch.arange(-radius, radius + 1, device=rows.device)
+    delta = torch.cartesian_prod(d, d)  # [W, 2] (dy, dx), W = (2r + 1)^2
+    cells = assignment.cell[:, None] + delta[None]  # [N, W, 2]
+    shapes = torch.tensor([list(s) for s in level_shapes], device=rows.device)
+    shapes = shapes[assignment.level][:, None]  # [N, 1, 2] (H, W)
+    stride = torch.tensor([float(s) for s in strides], device=rows.device)[assignment.level]
+    centre = (cells.flip(-1).float() + 0.5) * stride[:, None, None]  # [N, W, 2] (x, y) pixels
+    boxes = assignment.boxes[:, None]  # [N, 1, 4]
+    keep = (
+        (cells >= 0).all(-1)
+        & (cells < shapes).all(-1)
+        & (centre >= boxes[..., :2]).all(-1)
+        & (centre <= boxes[..., 2:]).all(-1)
+    ) | (delta == 0).all(-1)[None]  # [N, W]
+    rows = rows[:, None].expand_as(keep)[keep]  # [K]
+    return rows, cells[keep]
 
 
 def gaussian_radius(height: Tensor, width: Tensor, min_overlap: float = 0.7) -> Tensor:

@@ -30,6 +30,7 @@ from visstg.model.detection import (
     assign_targets,
     decode_detections,
     gather_at_cells,
+    neighbour_cells,
 )
 from visstg.model.fusion import ConcatFusion, box_features
 from visstg.model.gnn import SpatialTemporalGNN
@@ -81,6 +82,12 @@ class VisSTG(nn.Module):
             they come out at ``self.mask_stride`` = 8 / 2 = 4.
         mask_combine: inference mask logit when a reference exists: ``"mean"`` of M and M',
             ``"target"`` (M only) or ``"warp"`` (M' only).
+        mask_neighbours: training reads the target and reference kernels (M and the reference
+            masks) at every cell within this many cells of a ground-truth centre that lies in
+            its box (:func:`~visstg.model.detection.neighbour_cells`), not at the centre cell
+            only (0, CenterNet's single positive). Inference reads the kernel at a detected
+            peak, which may be a cell off; CondInst trains the kernels of every positive
+            location. M' (the warped kernels) stays at the centres.
         fusion: ``"relation"`` (the GNN on the graph), or the paper's ablations (Table 2,
             :mod:`visstg.model.fusion`): ``"concat"`` (a convolution over the concatenated
             target and reference maps) or ``"none"`` (the heads read the backbone maps).
@@ -133,6 +140,7 @@ class VisSTG(nn.Module):
         mask_feat_stride: int = 8,
         mask_upsample: int = 2,
         mask_combine: str = "mean",
+        mask_neighbours: int = 0,
         fusion: str = "relation",
         association: str = "edge",
         propagation: bool = True,
@@ -174,6 +182,9 @@ class VisSTG(nn.Module):
         self.mask_stride = mask_feat_stride // mask_upsample
         self.mask_upsample = mask_upsample
         self.mask_combine = mask_combine
+        if mask_neighbours < 0:
+            raise ValueError(f"VisSTG: mask_neighbours must be >= 0, got {mask_neighbours}")
+        self.mask_neighbours = int(mask_neighbours)
         self.fusion = fusion
         self.association = association
         self.propagation = propagation
@@ -261,6 +272,15 @@ class VisSTG(nn.Module):
             params = params + sum(k.sum() for k in kernel_maps) * 0
         return self._masks_from_params(mask_feats, params, batch, level, centers)
 
+    def _masks_at_rows(
+        self, mask_feats: Tensor, kernel_maps: Sequence[Tensor], a, rows: Tensor, cells: Tensor
+    ) -> Tensor:
+        """Mask logits of assignment ``a``'s instances ``rows`` with kernels read at ``cells``
+        (:func:`neighbour_cells`); the relative coordinates stay centred on the instance."""
+        return self._masks_at(
+            mask_feats, kernel_maps, a.batch[rows], a.level[rows], cells, a.centers[rows]
+        )
+
     def _masks_from_params(
         self, mask_feats: Tensor, params: Tensor, batch: Tensor, level: Tensor, centers: Tensor
     ) -> Tensor:
@@ -320,9 +340,12 @@ class VisSTG(nn.Module):
               None otherwise)
             - ``tgt_assignment`` / ``ref_assignment``: ``Assignment`` of the target / reference
               ground truth (levels, centre cells, ...)
-            - ``mask_logits [N, H/4, W/4]``: M, target kernels at the target GT centres
+            - ``mask_logits [K, H/4, W/4]``: M, target kernels at the target GT centres (and,
+              with ``mask_neighbours``, the cells around them); ``mask_rows [K]``: the target
+              instance (assignment row) of each
             - ``mask_warp_logits [N, H/4, W/4]``: M', warped reference kernels (None if off)
-            - ``ref_mask_logits [M, H/4, W/4]``: reference kernels at reference GT centres
+            - ``ref_mask_logits [K', H/4, W/4]``: reference kernels at reference GT centres
+              (and neighbours); ``ref_mask_rows [K']`` their reference instances
             - ``edge_logits [E]``, ``graph`` (the cross-frame ``Data``); None without them
             - ``embeddings_tgt [N, E]`` / ``embeddings_ref [M, E]`` (association "embedding") or
               ``track_offsets [N, 2]`` (association "offset", cells), at the GT centres
@@ -369,12 +392,10 @@ class VisSTG(nn.Module):
         theta_t, theta_k = zip(*(t.float().split(b) for t in thetas))
         theta_t, theta_k = list(theta_t), list(theta_k)  # L x [B, 169, H_l, W_l] each
         mask_feats_t, mask_feats_k = mask_feats.float().split(b)  # [B, 8, H/s, W/s] each
-        mask_logits = self._masks_at(
-            mask_feats_t, theta_t, tgt.batch, tgt.level, tgt.cell, tgt.centers
-        )
-        ref_mask_logits = self._masks_at(
-            mask_feats_k, theta_k, ref.batch, ref.level, ref.cell, ref.centers
-        )
+        mask_rows = neighbour_cells(tgt, level_shapes, self.strides, self.mask_neighbours)
+        ref_mask_rows = neighbour_cells(ref, level_shapes, self.strides, self.mask_neighbours)
+        mask_logits = self._masks_at_rows(mask_feats_t, theta_t, tgt, *mask_rows)
+        ref_mask_logits = self._masks_at_rows(mask_feats_k, theta_k, ref, *ref_mask_rows)
         kernel_maps = {"theta_t": theta_t, "theta_k": theta_k}
         mask_warp_logits = None
         if self.kernel_warp is not None:
@@ -396,8 +417,10 @@ class VisSTG(nn.Module):
             "tgt_assignment": tgt,
             "ref_assignment": ref,
             "mask_logits": mask_logits,
+            "mask_rows": mask_rows[0],
             "mask_warp_logits": mask_warp_logits,
             "ref_mask_logits": ref_mask_logits,
+            "ref_mask_rows": ref_mask_rows[0],
             "edge_logits": edge_logits,
             "graph": graph,
             "edge_class_agnostic": self.edge_class_agnostic,
