@@ -1,6 +1,7 @@
 """The LightningModule, optimizer and schedule: fast_dev_run, logging, config in the checkpoint."""
 
 import functools
+import math
 import sys
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from visstg.lit import VisSTGModule, scaled_sgd, warmup_multistep
+from visstg.lit import VisSTGModule, scaled_sgd, warmup_cosine, warmup_multistep
 from visstg.model import VisSTGCriterion
 from visstg.model.criterion import LOSS_KEYS
 
@@ -79,17 +80,32 @@ def test_scaled_sgd_applies_the_linear_rule():
     assert scaled_sgd(params, lr=0.01).param_groups[0]["lr"] == pytest.approx(0.01)
 
 
-def test_warmup_then_steps_at_16_and_22_of_24_epochs():
+def _lrs(scheduler, total, **kwargs):
+    """Learning rate of every step of a ``total``-step run of ``scheduler`` at base lr 1."""
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    total = 2400  # 24 epochs of 100 steps
-    sched = warmup_multistep(opt, total, warmup_steps=100, warmup_factor=0.001)
+    sched = scheduler(opt, total, **kwargs)
     lrs = []
     for _ in range(total):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_warmup_then_steps_at_16_and_22_of_24_epochs():
+    total = 2400  # 24 epochs of 100 steps
+    lrs = _lrs(warmup_multistep, total, warmup_steps=100, warmup_factor=0.001)
     assert lrs[0] == pytest.approx(0.001)
     assert lrs[50] == pytest.approx(0.001 * 0.5 + 0.5)
     assert lrs[100] == pytest.approx(1.0) and lrs[1599] == pytest.approx(1.0)
     assert lrs[1600] == pytest.approx(0.1) and lrs[2199] == pytest.approx(0.1)
     assert lrs[2200] == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.01)
+
+
+def test_warmup_then_cosine_to_the_final_factor():
+    lrs = _lrs(warmup_cosine, 1100, warmup_steps=100, warmup_factor=0.001, final_factor=0.02)
+    assert lrs[0] == pytest.approx(0.001) and lrs[50] == pytest.approx(0.001 * 0.5 + 0.5)
+    assert lrs[100] == pytest.approx(1.0)
+    assert lrs[600] == pytest.approx(0.02 + 0.98 * 0.5)  # half way through the cosine
+    assert lrs[-1] == pytest.approx(0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * 999 / 1000)))
+    assert all(a >= b for a, b in zip(lrs[100:], lrs[101:]))  # never rises after the warm-up

@@ -71,6 +71,28 @@ def warmup_multistep(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def warmup_cosine(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 500,
+    warmup_factor: float = 0.001,
+    final_factor: float = 0.0,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up (as :func:`warmup_multistep`) then a half cosine from the full learning
+    rate down to ``final_factor`` times it at ``total_steps``, in optimizer-step units."""
+    warmup = max(0, min(warmup_steps, total_steps // 4))
+    span = max(1, total_steps - warmup)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            alpha = step / warmup
+            return warmup_factor * (1 - alpha) + alpha
+        t = min(1.0, (step - warmup) / span)
+        return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 class VisSTGModule(pl.LightningModule):
     """Trains ``net`` (a ``VisSTG``) with ``criterion`` (a ``VisSTGCriterion``).
 
