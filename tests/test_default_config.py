@@ -35,6 +35,9 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     assert model["mask_branch"]["upsample"] == 2 and model["mask_upsample"] == 1
     # One GNN update (docs/ablations.md, Table 1).
     assert model["gnn"]["iterations"] == 1
+    # Tracker thresholds chosen on the tuning set (conf/train.yaml), mask pixels at 0.4; the
+    # kernels are read at the centre cells only (model.mask_neighbours measured worse).
+    assert cfg["tracker"]["mask_threshold"] == 0.4 and model["mask_neighbours"] == 0
 
 
 def test_default_model_builds_and_outputs_three_levels() -> None:
@@ -69,4 +72,5 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert cfg["tracker"]["score_threshold"] == 0.1
     assert cfg["tracker"]["match_threshold"] == 0.5
     assert cfg["tracker"]["new_track_threshold"] == 0.2
+    assert cfg["tracker"]["mask_threshold"] == 0.5
     assert cfg["data"]["epoch_pairs"] is None
