@@ -19,6 +19,8 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     assert cfg["optimizer"]["_target_"] == "torch.optim.AdamW"
     assert model["controller"]["norm"] and model["mask_branch"]["norm"]
     assert cfg["trainer"]["gradient_clip_val"] > 0
+    # Seeded CPU runs repeat bit for bit (conf/trainer/cpu.yaml says what it fixed).
+    assert cfg["trainer"]["deterministic"] is True
     # The dataset is not made easier: the generator's look is untouched (frame size, seed, and
     # every SyntheticOptions default), the valid split is the same 16 videos; only the number of
     # training videos grew (more data of the same kind).
