@@ -437,6 +437,16 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(res)
     if args.dry_run:
         return 0
+    failed = sum(1 for r in results if r.error)
+    if args.no_train and failed and args.report.exists():
+        # --no-train only re-reads runs: a run it cannot use (e.g. trained under settings that
+        # have changed since) must not turn a finished report into a table of blanks.
+        print(
+            f"[ablations] {failed} of {len(results)} runs could not be used (above); "
+            f"{args.report} is left as it was",
+            file=sys.stderr,
+        )
+        return 1
     write_report(args.report, args, results, command, base)
     print(f"[ablations] wrote {args.report}")
     return 1 if any(r.error for r in results) else 0
