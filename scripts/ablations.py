@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     write_report(args.report, args, results, command, base)
     print(f"[ablations] wrote {args.report}")
-    return 1 if any(r.error for r in results) else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

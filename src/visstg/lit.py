@@ -38,6 +38,27 @@ def scaled_sgd(
     return torch.optim.SGD(params, lr=lr * scale, momentum=momentum, weight_decay=weight_decay)
 
 
+def _with_warmup(
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int,
+    warmup_factor: float,
+    decay: Callable[[int, int], float],
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """``LambdaLR`` of ``decay(step, warmup)`` times a linear warm-up that ramps from
+    ``warmup_factor`` to 1 over the first ``warmup = min(warmup_steps, total_steps // 4)``
+    steps (1 after them)."""
+    warmup = max(0, min(warmup_steps, total_steps // 4))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            alpha = step / warmup
+            return decay(step, warmup) * (warmup_factor * (1 - alpha) + alpha)
+        return decay(step, warmup)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def warmup_multistep(
     optimizer: torch.optim.Optimizer,
     total_steps: int,
@@ -59,16 +80,11 @@ def warmup_multistep(
         total_steps: optimizer steps of the whole run (``trainer.estimated_stepping_batches``).
     """
     steps = [round(m / schedule_epochs * total_steps) for m in milestones]
-    warmup = max(0, min(warmup_steps, total_steps // 4))
 
-    def factor(step: int) -> float:
-        decay = gamma ** sum(step >= s for s in steps)
-        if step < warmup:
-            alpha = step / warmup
-            return decay * (warmup_factor * (1 - alpha) + alpha)
-        return decay
+    def decay(step: int, warmup: int) -> float:
+        return gamma ** sum(step >= s for s in steps)
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return _with_warmup(optimizer, total_steps, warmup_steps, warmup_factor, decay)
 
 
 def warmup_cosine(
@@ -80,17 +96,13 @@ def warmup_cosine(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up (as :func:`warmup_multistep`) then a half cosine from the full learning
     rate down to ``final_factor`` times it at ``total_steps``, in optimizer-step units."""
-    warmup = max(0, min(warmup_steps, total_steps // 4))
-    span = max(1, total_steps - warmup)
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            alpha = step / warmup
-            return warmup_factor * (1 - alpha) + alpha
-        t = min(1.0, (step - warmup) / span)
+    def decay(step: int, warmup: int) -> float:
+        # 1 during the warm-up, then the half cosine over the remaining steps.
+        t = min(1.0, max(0, step - warmup) / max(1, total_steps - warmup))
         return final_factor + (1 - final_factor) * 0.5 * (1 + math.cos(math.pi * t))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return _with_warmup(optimizer, total_steps, warmup_steps, warmup_factor, decay)
 
 
 class VisSTGModule(pl.LightningModule):

@@ -113,10 +113,10 @@ class VisSTGCriterion(nn.Module):
         """Dice of ``logits [K, h, w]`` against the masks of ``a``'s instances ``rows`` (every
         instance once, in order, when None)."""
         shape = tuple(targets[0]["masks"].shape[-2:]) if targets else (0, 0)
-        masks = assignment_masks(targets, a, shape).to(logits.device)  # [N, H, W]
         if rows is not None:
-            masks = masks[rows]  # [K, H, W]
-        soft = downsample_masks(masks, self.mask_target_stride)  # [N, H/4, W/4]
+            a = a.select(rows)
+        masks = assignment_masks(targets, a, shape).to(logits.device)  # [K, H, W]
+        soft = downsample_masks(masks, self.mask_target_stride)  # [K, H/4, W/4]
         return dice_loss(logits, _match(logits, soft))
 
     def _centernet(
