@@ -120,3 +120,25 @@ def test_autocast_and_channels_last_return_float32_nchw_maps_close_to_fp32():
         assert not torch.equal(g, e)
     with pytest.raises(ValueError, match="autocast"):
         ResNetFPN(10, 16, autocast="int8")
+
+
+@pytest.mark.parametrize("depth, c2", [(10, 64), (50, 256)])
+def test_fine_level_prepends_the_c2_lateral_and_leaves_the_pyramid_as_it_was(depth, c2):
+    """``fine_level``: a stride-4 map (C2 through a 1x1 conv) comes first; the pyramid levels are
+    the ones the same weights give without it."""
+    torch.manual_seed(0)
+    ref = ResNetFPN(depth, 16, num_levels=3).eval()
+    net = ResNetFPN(depth, 16, num_levels=3, fine_level=True).eval()
+    missing, unexpected = net.load_state_dict(ref.state_dict(), strict=False)
+    assert sorted(missing) == ["fine_lateral.bias", "fine_lateral.weight"] and not unexpected
+    assert net.fine_lateral.in_channels == c2 and net.strides == ref.strides
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        fine, *levels = net(x)
+        expected = ref(x)
+        c2_map = net.fpn.body.layer1(net.fpn.body.maxpool(net.fpn.body.relu(net.fpn.body.bn1(
+            net.fpn.body.conv1(x)))))  # fmt: skip
+    assert fine.shape == (1, 16, 16, 24)
+    torch.testing.assert_close(fine, net.fine_lateral(c2_map))
+    for e, g in zip(expected, levels):
+        torch.testing.assert_close(g, e)

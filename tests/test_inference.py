@@ -159,3 +159,25 @@ def test_evaluate_checkpoint_without_ground_truth(
     with zipfile.ZipFile(tmp_path / "test_results.zip") as z:
         assert z.namelist() == ["results.json"]
     assert not (tmp_path / "m.json").exists()
+
+
+def test_frame_masks_script_counts_every_annotated_object_frame(
+    checkpoint: Path, synthetic_root: Path, capsys
+) -> None:
+    """scripts/frame_masks.py: one row per category with annotated objects, plus "all", whose
+    pair count is every non-null segmentation of the split."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "frame_masks.py"
+    spec = importlib.util.spec_from_file_location("frame_masks", script)
+    frame_masks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(frame_masks)
+    frame_masks.main([str(checkpoint), "--score", "0.0"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
+    gt = json.loads((synthetic_root / "valid.json").read_text())
+    pairs = sum(1 for a in gt["annotations"] for seg in a["segmentations"] if seg)
+    names = {c["id"]: c["name"] for c in gt["categories"]}
+    assert set(rows) == {names[a["category_id"]] for a in gt["annotations"]} | {"all"}
+    assert int(rows["all"][0]) == pairs
+    assert 0.0 <= float(rows["all"][1]) <= 1.0

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visstg.model.losses import dice_loss, downsample_masks
+from visstg.model.losses import box_bce_loss, dice_loss, downsample_masks
 from visstg.model.segmentation import (
     Controller,
     MaskBranch,
@@ -165,3 +165,47 @@ def test_gather_reexported_for_kernels():
     theta = [torch.randn(1, 169, 3, 3)]
     k = gather_at_cells(theta, torch.tensor([0]), torch.tensor([0]), torch.tensor([[2, 1]]))
     torch.testing.assert_close(k[0], theta[0][0, :, 2, 1])
+
+
+def test_mask_branch_fine_adds_a_stride_4_map_to_the_upsampled_output():
+    """``fine=True``: output = the upsampled stride-8 output + conv(fine map); the map is passed
+    exactly when the branch was built for it, at twice P3's size, and needs ``upsample=2``."""
+    feats = [torch.randn(2, 16, 8, 12), torch.randn(2, 16, 4, 6), torch.randn(2, 16, 2, 3)]
+    fine_map = torch.randn(2, 16, 16, 24)
+    torch.manual_seed(0)
+    plain = MaskBranch(in_channels=16, channels=8, out_channels=8, num_convs=2, upsample=2)
+    torch.manual_seed(0)
+    mb = MaskBranch(in_channels=16, channels=8, out_channels=8, num_convs=2, upsample=2, fine=True)
+    mb.load_state_dict(plain.state_dict(), strict=False)
+    out = mb(feats, fine_map)
+    assert out.shape == (2, 8, 16, 24)
+    torch.testing.assert_close(out, plain(feats) + mb.fine(fine_map))
+    assert not torch.allclose(out, plain(feats))
+    with pytest.raises(ValueError, match="fine=True"):
+        mb(feats)
+    with pytest.raises(ValueError, match="fine=False"):
+        plain(feats, fine_map)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        mb(feats, fine_map[..., :15, :])
+    with pytest.raises(ValueError, match="upsample must be 2"):
+        MaskBranch(16, 8, fine=True)
+
+
+def test_box_bce_loss_is_the_mean_bce_over_the_cells_each_box_overlaps():
+    """Cells overlapping the box count, every other cell is ignored; instances weigh equally."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 6, 8), torch.rand(2, 6, 8)
+    # Instance 0: pixels x 5..11, y 0..7 -> cells x 1..2, y 0..1 at stride 4 (x 12 is not in).
+    # Instance 1: a sub-cell box inside cell (3, 4).
+    boxes = torch.tensor([[5.0, 0.0, 12.0, 7.5], [17.0, 13.0, 18.0, 14.0]])
+    bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    want = (bce[0, 0:2, 1:3].mean() + bce[1, 3, 4]) / 2
+    torch.testing.assert_close(box_bce_loss(logits, targets, boxes, 4), want)
+    outside = logits.clone()
+    outside[:, 4:, 6:] = 50.0  # no box reaches these cells
+    torch.testing.assert_close(box_bce_loss(outside, targets, boxes, 4), want)
+    empty = torch.zeros(0, 6, 8, requires_grad=True)
+    loss = box_bce_loss(empty, torch.zeros(0, 6, 8), torch.zeros(0, 4))
+    assert loss.item() == 0 and loss.requires_grad
+    with pytest.raises(ValueError, match="box_bce_loss"):
+        box_bce_loss(logits, targets, boxes[:1])

@@ -14,7 +14,7 @@ from visstg.model.criterion import LOSS_KEYS
 from visstg.model.detection import CenterNetHead, neighbour_cells
 from visstg.model.gnn import SpatialTemporalGNN
 from visstg.model.graph import GraphBuilder
-from visstg.model.losses import downsample_masks
+from visstg.model.losses import box_bce_loss, downsample_masks
 from visstg.model.propagation import KernelWarp
 from visstg.model.segmentation import Controller, MaskBranch
 from visstg.model.tracking import EdgeClassifier
@@ -37,7 +37,7 @@ def tiny_net(propagation=True, iterations=2, **kwargs):
     torch.manual_seed(0)
     return VisSTG(
         C,
-        backbone=ResNetFPN(18, D, norm="bn", trainable_layers=5),
+        backbone=kwargs.pop("backbone", None) or ResNetFPN(18, D, norm="bn", trainable_layers=5),
         graph=GraphBuilder(D, hidden=8),
         gnn=SpatialTemporalGNN(D, iterations, hidden=D),
         det_head=CenterNetHead(C, D, D),
@@ -135,6 +135,25 @@ def test_mask_neighbours_train_the_kernels_around_each_centre():
     swapped = dict(perfect, mask_rows=1 - rows)
     assert VisSTGCriterion()(perfect, batch)["loss_mask"] < 0.05
     assert VisSTGCriterion()(swapped, batch)["loss_mask"] > 0.5
+
+
+def test_mask_bce_adds_the_in_box_bce_to_every_mask_term():
+    """``mask_bce``: each of loss_mask, loss_mask_warp, loss_mask_ref grows by the weight times
+    the in-box BCE of its logits against the same soft targets; 0 is the paper's dice."""
+    batch = pair_batch()
+    out = tiny_net().forward_train(batch)
+    dice = VisSTGCriterion()(out, batch)
+    both = VisSTGCriterion(mask_bce=0.5)(out, batch)
+    for key, logits, frame, a in (
+        ("loss_mask", out["mask_logits"], "tgt_targets", out["tgt_assignment"]),
+        ("loss_mask_warp", out["mask_warp_logits"], "tgt_targets", out["tgt_assignment"]),
+        ("loss_mask_ref", out["ref_mask_logits"], "ref_targets", out["ref_assignment"]),
+    ):
+        soft = downsample_masks(batch[frame][0]["masks"].float(), 4)
+        bce = box_bce_loss(logits, soft, a.boxes, 4)
+        torch.testing.assert_close(both[key], dice[key] + 0.5 * bce)
+        assert bce > 0
+    assert torch.isfinite(both["loss"]) and both["loss"] > dice["loss"]
 
 
 def test_overfitting_one_pair_reduces_every_loss():
@@ -424,6 +443,33 @@ def test_mask_branch_at_stride_4_trains_and_infers_at_the_same_mask_stride():
     assert res["masks"].shape[-2:] == (H // 4, W // 4)
     with pytest.raises(ValueError, match="mask_feat_stride=4"):
         tiny_net(**branch)
+
+
+def test_fine_level_feeds_the_mask_branch_only_and_trains_end_to_end():
+    """``backbone.fine_level`` + ``mask_branch.fine``: the stride-4 C2 map reaches the mask
+    branch (its conv gets gradients) and nothing else (the heads and the graph see the three
+    levels); inference returns stride-4 masks; the two settings must agree."""
+    torch.manual_seed(0)
+    backbone = ResNetFPN(18, D, norm="bn", trainable_layers=5, fine_level=True)
+    branch = MaskBranch(D, D, num_convs=2, upsample=2, fine=True)
+    net = tiny_net(mask_branch=branch, backbone=backbone, mask_feat_stride=4, mask_upsample=1)
+    batch = pair_batch()
+    out = net.forward_train(batch)
+    assert out["level_shapes"][0] == (H // 8, W // 8) and len(out["level_shapes"]) == 5
+    assert out["mask_logits"].shape == out["ref_mask_logits"].shape == (2, H // 4, W // 4)
+    VisSTGCriterion()(out, batch)["loss"].backward()
+    for p in [*backbone.fine_lateral.parameters(), *branch.fine.parameters()]:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    with torch.no_grad():
+        res, state = net.eval().inference_step(batch["tgt_images"][:1], None, None)
+        res2, _ = net.inference_step(batch["tgt_images"][:1], state, None)
+    assert res["masks"].shape[-2:] == res2["masks"].shape[-2:] == (H // 4, W // 4)
+    assert len(state["feats"]) == 5 and state["feats"][0].shape[-2:] == (H // 8, W // 8)
+    plain_branch = MaskBranch(D, D, num_convs=2, upsample=2)
+    with pytest.raises(ValueError, match="fine_level"):
+        tiny_net(mask_branch=plain_branch, backbone=backbone, mask_feat_stride=4)
+    with pytest.raises(ValueError, match="fine_level"):
+        tiny_net(mask_branch=branch, mask_feat_stride=4)
 
 
 def test_head_autocast_bf16_trains_in_float32_outputs_close_to_full_precision():

@@ -123,11 +123,16 @@ class ResNetFPN(nn.Module):
             ``deform_conv2d`` (the kernel warp) has no bfloat16 kernel.
         channels_last: keep the weights and the input in ``torch.channels_last`` (NHWC), the
             layout the bfloat16 CPU convolutions are fastest in.
+        fine_level: also return a stride-4 map for a mask branch that reads one
+            (``MaskBranch(fine=True)``): C2 (``layer1``) through a 1x1 conv to ``out_channels``,
+            first in the returned list. It is not a pyramid level (no top-down path, not in
+            ``strides``); the detection heads and the graph never see it.
 
     Shapes:
         input ``[N, 3, H, W]`` (ImageNet-normalised) -> list of 5 tensors
         ``[N, out_channels, ceil(H / s), ceil(W / s)]`` for ``s`` in ``strides``
-        (``num_levels`` tensors).
+        (``num_levels`` tensors), preceded by ``[N, out_channels, ceil(H / 4), ceil(W / 4)]``
+        with ``fine_level``.
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class ResNetFPN(nn.Module):
         num_levels: int = 5,
         autocast: str | None = None,
         channels_last: bool = False,
+        fine_level: bool = False,
     ) -> None:
         super().__init__()
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
@@ -178,9 +184,15 @@ class ResNetFPN(nn.Module):
 
         c3 = 128 * type(body.layer2[-1]).expansion  # 128 (BasicBlock) or 512 (Bottleneck)
         in_channels = [c3, c3 * 2, c3 * 4]  # C3, C4, C5
+        self.fine_level = fine_level
+        # C2 -> out_channels (fine_level): one 1x1 conv, as an FPN lateral.
+        self.fine_lateral = nn.Conv2d(c3 // 2, out_channels, 1) if fine_level else None
+        return_layers = {"layer2": "c3", "layer3": "c4", "layer4": "c5"}
+        if fine_level:
+            return_layers = {"layer1": "c2", **return_layers}
         self.fpn = BackboneWithFPN(
             body,
-            return_layers={"layer2": "c3", "layer3": "c4", "layer4": "c5"},
+            return_layers=return_layers,
             in_channels_list=in_channels,
             out_channels=out_channels,
             extra_blocks=(
@@ -209,11 +221,18 @@ class ResNetFPN(nn.Module):
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         if self.autocast_dtype is None:
-            feats = list(self.fpn(images).values())  # c3, c4, c5(, p6, p7)
+            feats = self._pyramid(images)
         else:
             with torch.autocast(images.device.type, dtype=self.autocast_dtype):
-                feats = list(self.fpn(images).values())
+                feats = self._pyramid(images)
             feats = [f.float() for f in feats]
         if self.channels_last:  # the graph and heads index and flatten the maps as NCHW
             feats = [f.contiguous() for f in feats]
-        return feats  # num_levels x [N, C, H_l, W_l]
+        return feats  # (fine +) num_levels x [N, C, H_l, W_l]
+
+    def _pyramid(self, images: Tensor) -> list[Tensor]:
+        """``BackboneWithFPN.forward`` (body, then FPN), plus the C2 lateral with ``fine_level``."""
+        c = self.fpn.body(images)  # OrderedDict (c2,) c3, c4, c5
+        fine = self.fine_lateral(c.pop("c2")) if self.fine_level else None
+        feats = list(self.fpn.fpn(c).values())  # p3, p4, p5(, p6, p7)
+        return feats if fine is None else [fine, *feats]

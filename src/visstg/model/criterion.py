@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from visstg.model.association import association_losses
 from visstg.model.detection import Assignment, centernet_loss, heatmap_targets
-from visstg.model.losses import dice_loss, downsample_masks, edge_loss
+from visstg.model.losses import box_bce_loss, dice_loss, downsample_masks, edge_loss
 from visstg.model.tracking import edge_training_targets
 
 LOSS_KEYS = (
@@ -64,6 +64,8 @@ class VisSTGCriterion(nn.Module):
     - L_mask = mask_weights[target] * loss_mask (dice of M, target kernels) +
       mask_weights[warp] * loss_mask_warp (dice of M', warped reference kernels) +
       mask_weights[ref] * loss_mask_ref (dice of the reference frame's masks, paper 3.6).
+      With ``mask_bce`` > 0 each of the three also adds ``mask_bce`` times the per-pixel BCE
+      inside the instance's box (:func:`visstg.model.losses.box_bce_loss`; the paper: dice only).
     - With ``VisSTG(ref_detection=True)`` L_det also has ``weights[det_ref] * loss_det_ref``,
       the same three terms on the reference frame's unfused maps.
     - L_edge = loss_edge (BCE over E_prune, paper Eq. 6), or for the association ablations
@@ -77,6 +79,7 @@ class VisSTGCriterion(nn.Module):
         mask_weights: ``{"target", "warp", "ref"}`` weights inside L_mask.
         min_overlap: Gaussian radius parameter of the heatmap targets.
         mask_target_stride: stride of the mask logits (4).
+        mask_bce: weight of the in-box BCE added to every dice term (0: the paper's dice only).
 
     ``forward(outputs, batch)`` returns every ``loss_*`` component (unweighted by l1-l3) and
     ``loss``, the total. All are finite scalars connected to the autograd graph, also when the
@@ -91,6 +94,7 @@ class VisSTGCriterion(nn.Module):
         mask_weights: Mapping[str, float] | None = None,
         min_overlap: float = 0.7,
         mask_target_stride: int = 4,
+        mask_bce: float = 0.0,
     ) -> None:
         super().__init__()
         self.weights = {
@@ -102,6 +106,7 @@ class VisSTGCriterion(nn.Module):
         self.offset_weight = offset_weight
         self.min_overlap = min_overlap
         self.mask_target_stride = mask_target_stride
+        self.mask_bce = float(mask_bce)
 
     def _dice(
         self,
@@ -110,14 +115,18 @@ class VisSTGCriterion(nn.Module):
         a: Assignment,
         rows: Tensor | None = None,
     ) -> Tensor:
-        """Dice of ``logits [K, h, w]`` against the masks of ``a``'s instances ``rows`` (every
-        instance once, in order, when None)."""
+        """Dice (+ ``mask_bce`` x in-box BCE) of ``logits [K, h, w]`` against the masks of
+        ``a``'s instances ``rows`` (every instance once, in order, when None)."""
         shape = tuple(targets[0]["masks"].shape[-2:]) if targets else (0, 0)
         if rows is not None:
             a = a.select(rows)
         masks = assignment_masks(targets, a, shape).to(logits.device)  # [K, H, W]
-        soft = downsample_masks(masks, self.mask_target_stride)  # [K, H/4, W/4]
-        return dice_loss(logits, _match(logits, soft))
+        soft = _match(logits, downsample_masks(masks, self.mask_target_stride))  # [K, H/4, W/4]
+        loss = dice_loss(logits, soft)
+        if self.mask_bce > 0:
+            boxes = a.boxes.to(logits.device, torch.float32)
+            loss = loss + self.mask_bce * box_bce_loss(logits, soft, boxes, self.mask_target_stride)
+        return loss
 
     def _centernet(
         self, det: dict[str, list[Tensor]], a: Assignment, outputs: dict[str, Any]

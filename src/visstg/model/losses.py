@@ -7,11 +7,13 @@ produced ``x`` and distributed training never hangs waiting for a missing gradie
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
     "centernet_focal_loss",
+    "box_bce_loss",
     "dice_loss",
     "downsample_masks",
     "edge_loss",
@@ -78,6 +80,43 @@ def dice_loss(logits: Tensor, targets: Tensor, eps: float = 1e-5) -> Tensor:
     union = (p * p).sum(1) + (t * t).sum(1)
     dice = 2 * inter / (union + eps)
     return (1 - dice).mean()
+
+
+def box_bce_loss(logits: Tensor, targets: Tensor, boxes: Tensor, stride: int = 4) -> Tensor:
+    """Per-pixel binary cross-entropy inside each instance's box, averaged over instances.
+
+    Dice scores a mask as a whole; inside the box this adds a per-pixel term, so a wrong region
+    that dice hardly notices (the hole of a ring predicted as a filled disc costs dice 0.14 at a
+    hole of half the radius) is penalised cell by cell.
+
+    Args:
+        logits: ``[N, h, w]`` mask logits at ``stride``.
+        targets: ``[N, h, w]`` targets in ``[0, 1]``.
+        boxes: ``[N, 4]`` xyxy in input pixels; cell ``(i, j)`` covers pixels
+            ``[j * stride, (j + 1) * stride)`` (and the same in y) and counts when it overlaps
+            the box (a box of positive size has at least one).
+    Returns:
+        scalar: the mean over instances of the mean BCE over their box cells (``logits.sum() *
+        0`` when ``N == 0``).
+    """
+    if logits.shape != targets.shape or boxes.shape != (logits.shape[0], 4):
+        raise ValueError(
+            f"box_bce_loss: logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and "
+            f"boxes {tuple(boxes.shape)} do not match ([N, h, w], [N, h, w], [N, 4])"
+        )
+    if logits.numel() == 0:
+        return logits.sum() * 0
+    n, h, w = logits.shape
+    lo = torch.arange(h, device=logits.device, dtype=boxes.dtype) * stride  # [h] cell tops
+    ys = (lo[None] + stride > boxes[:, 1:2]) & (lo[None] < boxes[:, 3:4])  # [N, h]
+    lo = torch.arange(w, device=logits.device, dtype=boxes.dtype) * stride
+    xs = (lo[None] + stride > boxes[:, 0:1]) & (lo[None] < boxes[:, 2:3])  # [N, w]
+    inside = (ys[:, :, None] & xs[:, None, :]).to(torch.float32)  # [N, h, w]
+    bce = F.binary_cross_entropy_with_logits(
+        logits.float(), targets.float(), reduction="none"
+    )  # [N, h, w]
+    per_instance = (bce * inside).flatten(1).sum(1) / inside.flatten(1).sum(1).clamp(min=1)
+    return per_instance.mean()
 
 
 def downsample_masks(masks: Tensor, stride: int = 4) -> Tensor:

@@ -219,6 +219,14 @@ class VisSTG(nn.Module):
         self.det_head = det_head if det_head is not None else CenterNetHead(num_classes, dim, dim)
         self.controller = controller if controller is not None else Controller(dim, num_params, dim)
         self.mask_branch = mask_branch if mask_branch is not None else MaskBranch(dim)
+        # A stride-4 map first in the backbone's output, for the mask branch only.
+        self.fine_level = bool(getattr(self.backbone, "fine_level", False))
+        if self.fine_level != (getattr(self.mask_branch, "fine", None) is not None):
+            raise ValueError(
+                "VisSTG: the backbone's fine_level and the mask branch's fine must agree (the "
+                "backbone's stride-4 map is read by the mask branch only); set both "
+                "model.backbone.fine_level and model.mask_branch.fine, or neither"
+            )
         branch_stride = strides[0] // getattr(self.mask_branch, "upsample", 1)
         if branch_stride != mask_feat_stride:
             raise ValueError(
@@ -357,6 +365,9 @@ class VisSTG(nn.Module):
         ref_images, tgt_images = batch["ref_images"], batch["tgt_images"]
         b = ref_images.shape[0]
         feats = self.backbone(torch.cat([ref_images, tgt_images]))  # L x [2B, D, H_l, W_l]
+        fine = None  # [2B, D, H/4, W/4] (reference, target), fine_level only
+        if self.fine_level:
+            fine, feats = feats[0], feats[1:]
         f_k = [f[:b] for f in feats]  # reference frames
         f_t = [f[b:] for f in feats]  # target frames
         level_shapes = [tuple(f.shape[-2:]) for f in f_t]
@@ -381,7 +392,9 @@ class VisSTG(nn.Module):
                 both_det = self.det_head(maps)
             # Controller and mask branch: both frames (theta_k, the reference masks).
             thetas = self.controller(both)
-            mask_feats = self.mask_branch(both)
+            if fine is not None:  # the order of `both`: target, reference
+                fine = torch.cat([fine[b:], fine[:b]])
+            mask_feats = self.mask_branch(both, fine)
         both_det = {k: [t.float() for t in v] for k, v in both_det.items()}
         det = {k: [t[:b] for t in v] for k, v in both_det.items()}
         if self.ref_detection:
@@ -484,6 +497,9 @@ class VisSTG(nn.Module):
         timer = self.timer
         with timer.stage("backbone+fpn"):
             f_t = self.backbone(image)  # L x [1, D, H_l, W_l]
+            fine = None  # [1, D, H/4, W/4], fine_level only
+            if self.fine_level:
+                fine, f_t = f_t[0], f_t[1:]
         num_levels, dim = len(f_t), f_t[0].shape[1]
 
         with timer.stage("graph"):
@@ -539,7 +555,7 @@ class VisSTG(nn.Module):
             det_batch = torch.zeros(n, dtype=torch.long, device=device)
 
         with timer.stage("mask"):
-            mask_feats = self.mask_branch(maps)
+            mask_feats = self.mask_branch(maps, fine)
             det_args = (det_batch, dets["levels"], dets["cells"])
             plain = graph.edge_index.shape[1] == 0 if graph is not None else maps[0] is f_t[0]
             theta_t = None
