@@ -52,8 +52,10 @@ def test_default_model_builds_and_outputs_three_levels() -> None:
     HydraConfig.instance().set_config(cfg)
     net = hydra.utils.instantiate(cfg.model).eval()
     with torch.no_grad():
-        feats = net.backbone(torch.randn(1, 3, 64, 96))
+        fine, *feats = net.backbone(torch.randn(1, 3, 64, 96))
     assert len(feats) == len(net.strides) == 3
+    # The mask branch's stride-4 C2 map comes first (model.mask_branch.fine).
+    assert net.fine_level and fine.shape[-2:] == (16, 24) and feats[0].shape[-2:] == (8, 12)
 
 
 def test_r50_keeps_the_paper_setup() -> None:
