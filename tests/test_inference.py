@@ -136,7 +136,29 @@ def test_evaluate_checkpoint_end_to_end(
     metrics = json.loads(out.read_text())
     assert {"AP", "AP50", "AP75", "AR1", "AR10", "HOTA"} <= set(metrics)
     results = json.loads((tmp_path / "valid_results.json").read_text())
-    assert {r["video_id"] for r in results} <= {1, 2}
+    assert results and {r["video_id"] for r in results} <= {1, 2}
+    # A tracker threshold is overridden without "+" (conf/evaluate.yaml lists the keys): with
+    # no detection able to start a track, there are no results.
+    proc = run(
+        "visstg.evaluate", f"ckpt_path={checkpoint}", f"output={tmp_path / 'none.json'}",
+        f"results={tmp_path / 'none_results.json'}", "tracker.new_track_threshold=1.1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "none_results.json").read_text()) == []
+
+
+def test_tracker_overrides_of_predict_and_evaluate_compose_without_plus() -> None:
+    """Both entry points list the tracker keys (null: the checkpoint's value), so
+    ``tracker.KEY=V`` works as their comments and the README say."""
+    from visstg.config import compose
+    from visstg.predict import tracker_config
+
+    for name in ("predict", "evaluate"):
+        cfg = compose(name, ["tracker.score_threshold=0.3", "tracker.max_age=3"])
+        overrides = dict(cfg.tracker)
+        assert overrides["score_threshold"] == 0.3 and overrides["mask_threshold"] is None
+        merged = tracker_config({"score_threshold": 0.1, "mask_threshold": 0.4}, overrides)
+        assert (merged.score_threshold, merged.mask_threshold, merged.max_age) == (0.3, 0.4, 3)
 
 
 def test_evaluate_checkpoint_without_ground_truth(

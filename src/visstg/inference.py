@@ -151,9 +151,8 @@ def infer_split(
         )
     videos = VideoDataset(ds, dm.test_size, dm.max_size)
     n = len(videos) if max_videos is None else min(max_videos, len(videos))
-    tracker_cfg = TrackerConfig(
-        **{**(model.config.get("tracker") or {}), **(tracker_overrides or {})}
-    )
+    given = {k: v for k, v in (tracker_overrides or {}).items() if v is not None}  # null: stored
+    tracker_cfg = TrackerConfig(**{**(model.config.get("tracker") or {}), **given})
     tracker = OnlineTracker(model.net, tracker_cfg)
     results: list[dict[str, Any]] = []
     with torch.inference_mode():

@@ -46,7 +46,8 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 def tracker_config(stored: dict | None, overrides: dict | None):
     from visstg.tracker import TrackerConfig
 
-    values = {**(stored or {}), **(overrides or {})}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}  # null: the stored one
+    values = {**(stored or {}), **given}
     unknown = set(values) - set(TrackerConfig.__dataclass_fields__)
     if unknown:
         raise UsageError(f"unknown tracker option(s): {', '.join(sorted(unknown))}")
