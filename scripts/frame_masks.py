@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from visstg.data.datamodule import VideoDataset, VISDataModule
     from visstg.eval import load_gt
-    from visstg.inference import load_checkpoint
+    from visstg.inference import load_checkpoint, tracker_config
     from visstg.tracker import encode_masks
 
     model = load_checkpoint(args.ckpt)
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     datamodule = VISDataModule(**data)
     split = datamodule.split(args.split)
     videos = VideoDataset(split, datamodule.test_size, datamodule.max_size)
-    threshold = float((model.config.get("tracker") or {}).get("mask_threshold", 0.5))
+    threshold = tracker_config(model.config.get("tracker"), None).mask_threshold
     names = {c["id"]: c["name"] for c in split.categories}
     annotations = load_gt(split.path)["annotations"]  # segmentations: compressed RLE or None
     best_iou: dict[int, list[float]] = {cid: [] for cid in names}

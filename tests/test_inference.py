@@ -151,7 +151,7 @@ def test_tracker_overrides_of_predict_and_evaluate_compose_without_plus() -> Non
     """Both entry points list the tracker keys (null: the checkpoint's value), so
     ``tracker.KEY=V`` works as their comments and the README say."""
     from visstg.config import compose
-    from visstg.predict import tracker_config
+    from visstg.inference import tracker_config
 
     for name in ("predict", "evaluate"):
         cfg = compose(name, ["tracker.score_threshold=0.3", "tracker.max_age=3"])

@@ -122,6 +122,20 @@ def results_for_video(
     ]
 
 
+def tracker_config(stored: dict | None, overrides: dict | None):
+    """The checkpoint's tracker thresholds (``stored``) with the command line's ``overrides``
+    (a null override keeps the stored value) as a :class:`visstg.tracker.TrackerConfig`."""
+    from visstg.cli import UsageError
+    from visstg.tracker import TrackerConfig
+
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    values = {**(stored or {}), **given}
+    unknown = set(values) - set(TrackerConfig.__dataclass_fields__)
+    if unknown:
+        raise UsageError(f"unknown tracker option(s): {', '.join(sorted(unknown))}")
+    return TrackerConfig(**values)
+
+
 def infer_split(
     model: LoadedModel,
     data_cfg: dict[str, Any],
@@ -137,7 +151,7 @@ def infer_split(
     from rich.progress import track
 
     from visstg.data.datamodule import VideoDataset, VISDataModule
-    from visstg.tracker import OnlineTracker, TrackerConfig
+    from visstg.tracker import OnlineTracker
 
     kwargs = {k: v for k, v in data_cfg.items() if not k.startswith("_")}
     dm = VISDataModule(**kwargs)
@@ -151,9 +165,9 @@ def infer_split(
         )
     videos = VideoDataset(ds, dm.test_size, dm.max_size)
     n = len(videos) if max_videos is None else min(max_videos, len(videos))
-    given = {k: v for k, v in (tracker_overrides or {}).items() if v is not None}  # null: stored
-    tracker_cfg = TrackerConfig(**{**(model.config.get("tracker") or {}), **given})
-    tracker = OnlineTracker(model.net, tracker_cfg)
+    tracker = OnlineTracker(
+        model.net, tracker_config(model.config.get("tracker"), tracker_overrides)
+    )
     results: list[dict[str, Any]] = []
     with torch.inference_mode():
         for i in track(range(n), description=f"inference on {ds.path.name}"):

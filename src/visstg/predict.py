@@ -43,17 +43,6 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise UsageError(f"{output_dir}: exists and is not a folder")
 
 
-def tracker_config(stored: dict | None, overrides: dict | None):
-    from visstg.tracker import TrackerConfig
-
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}  # null: the stored one
-    values = {**(stored or {}), **given}
-    unknown = set(values) - set(TrackerConfig.__dataclass_fields__)
-    if unknown:
-        raise UsageError(f"unknown tracker option(s): {', '.join(sorted(unknown))}")
-    return TrackerConfig(**values)
-
-
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Run prediction; returns a summary (frames, tracks, output paths)."""
     missing = [k for k in ("input", "ckpt_path", "output_dir") if OmegaConf.is_missing(cfg, k)]
@@ -67,7 +56,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     from visstg.data.transforms import preprocess_frame
     from visstg.data.video_io import VideoFile, VideoWriter, open_video
-    from visstg.inference import load_checkpoint
+    from visstg.inference import load_checkpoint, tracker_config
     from visstg.tracker import OnlineTracker
     from visstg.viz import decode_rle, draw_tracks
 

@@ -108,7 +108,7 @@ class VisSTGCriterion(nn.Module):
         self.mask_target_stride = mask_target_stride
         self.mask_bce = float(mask_bce)
 
-    def _dice(
+    def _mask_loss(
         self,
         logits: Tensor,
         targets: Sequence[dict[str, Tensor]],
@@ -155,15 +155,17 @@ class VisSTGCriterion(nn.Module):
         # a frame has no instance and the gathered kernels are empty.
         zero = sum(m.sum() for maps in outputs["kernel_maps"].values() for m in maps) * 0
         losses["loss_mask"] = (
-            self._dice(outputs["mask_logits"], batch["tgt_targets"], tgt, outputs.get("mask_rows"))
+            self._mask_loss(
+                outputs["mask_logits"], batch["tgt_targets"], tgt, outputs.get("mask_rows")
+            )
             + zero
         )
         warp = outputs.get("mask_warp_logits")
         losses["loss_mask_warp"] = (
-            self._dice(warp, batch["tgt_targets"], tgt) + zero if warp is not None else zero
+            self._mask_loss(warp, batch["tgt_targets"], tgt) + zero if warp is not None else zero
         )
         losses["loss_mask_ref"] = (
-            self._dice(
+            self._mask_loss(
                 outputs["ref_mask_logits"], batch["ref_targets"], ref, outputs.get("ref_mask_rows")
             )
             + zero

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "centernet_focal_loss",
     "box_bce_loss",
+    "centernet_focal_loss",
     "dice_loss",
     "downsample_masks",
     "edge_loss",

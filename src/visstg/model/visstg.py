@@ -266,6 +266,12 @@ class VisSTG(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(like.device.type, dtype=self.head_dtype)
 
+    def _backbone(self, images: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+        """``(fine, levels)``: the backbone's stride-4 map for the mask branch (``fine_level``;
+        None otherwise) and its pyramid levels."""
+        feats = list(self.backbone(images))
+        return (feats[0], feats[1:]) if self.fine_level else (None, feats)
+
     def _soi(self, level: Tensor) -> Tensor:
         return torch.tensor(self.sizes_of_interest, device=level.device)[level]  # [N]
 
@@ -364,10 +370,8 @@ class VisSTG(nn.Module):
         """
         ref_images, tgt_images = batch["ref_images"], batch["tgt_images"]
         b = ref_images.shape[0]
-        feats = self.backbone(torch.cat([ref_images, tgt_images]))  # L x [2B, D, H_l, W_l]
-        fine = None  # [2B, D, H/4, W/4] (reference, target), fine_level only
-        if self.fine_level:
-            fine, feats = feats[0], feats[1:]
+        # L x [2B, D, H_l, W_l]; fine [2B, D, H/4, W/4] (reference, target) or None
+        fine, feats = self._backbone(torch.cat([ref_images, tgt_images]))
         f_k = [f[:b] for f in feats]  # reference frames
         f_t = [f[b:] for f in feats]  # target frames
         level_shapes = [tuple(f.shape[-2:]) for f in f_t]
@@ -496,10 +500,7 @@ class VisSTG(nn.Module):
         h, w = image_size if image_size is not None else image.shape[-2:]
         timer = self.timer
         with timer.stage("backbone+fpn"):
-            f_t = self.backbone(image)  # L x [1, D, H_l, W_l]
-            fine = None  # [1, D, H/4, W/4], fine_level only
-            if self.fine_level:
-                fine, f_t = f_t[0], f_t[1:]
+            fine, f_t = self._backbone(image)  # [1, D, H/4, W/4] or None; L x [1, D, H_l, W_l]
         num_levels, dim = len(f_t), f_t[0].shape[1]
 
         with timer.stage("graph"):
