@@ -110,3 +110,25 @@ def test_warp_at_without_instances_stays_in_the_graph():
     out.sum().backward()
     assert theta[0].grad is not None and warp.offset_out.weight.grad is not None
     assert warp.weight.grad is not None
+
+
+def test_warp_at_matches_the_full_warp_at_integer_sample_points():
+    """At initialisation the offsets are exactly zero, so every tap samples a cell centre: the
+    offset gradients there (which corner pair the bilinear derivative uses) match too."""
+    torch.manual_seed(1)
+    warp = KernelWarp(in_channels=4, num_params=6, hidden=4).double()
+    nn.init.normal_(warp.weight, std=0.5)
+    theta = [torch.randn(2, 6, 4, 5, dtype=torch.double, requires_grad=True)]
+    f_t = [torch.randn(2, 4, 4, 5, dtype=torch.double)]
+    f_k = [torch.randn(2, 4, 4, 5, dtype=torch.double)]
+    batch, level = torch.tensor([0, 1, 1]), torch.zeros(3, dtype=torch.long)
+    cell = torch.tensor([[0, 0], [3, 4], [2, 1]])
+    full = gather_at_cells(warp(theta, f_t, f_k), batch, level, cell)
+    fast = warp.warp_at(theta, f_t, f_k, batch, level, cell)
+    torch.testing.assert_close(fast, full)
+    params = [*theta, warp.offset_out.weight, warp.offset_out.bias, warp.weight]
+    grads_full = torch.autograd.grad(full.square().sum(), params)
+    grads_fast = torch.autograd.grad(fast.square().sum(), params)
+    assert grads_full[1].abs().sum() > 0  # the offsets do get a gradient at zero offset
+    for a, b in zip(grads_full, grads_fast):
+        torch.testing.assert_close(b, a)

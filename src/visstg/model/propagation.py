@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import deform_conv2d
 
@@ -108,15 +107,8 @@ class KernelWarp(nn.Module):
         to ``gather_at_cells(self(theta_k, f_t, f_k), batch, level, cell)``.
 
         Training reads theta_warp only at the target instances' centre cells, so the deformable
-        conv (whose CPU backward is most of a training step when run over every location) runs
-        on a ``1 x M`` output grid per image instead (M: most instances of an image on a level).
-        It is the same ``deform_conv2d``: output column ``j`` of image ``b`` stands for cell
-        ``(y, x)``, which moves into its offsets. With stride 1 and padding ``p = k // 2``, tap
-        ``(i, j')`` of cell ``(y, x)`` samples ``(y - p + i + dy, x - p + j' + dx)``; on the
-        compact grid (stride ``(H', 1)``, no padding) it samples ``(i + dy', j + j' + dx')``, so
-        ``dy' = dy + y - p`` and ``dx' = dx + x - p - j``. The input is zero-padded on the
-        bottom/right only to make the grid fit; ``deform_conv2d`` samples outside the input as
-        zero, so those zeros change no value and no gradient.
+        conv (whose CPU backward is most of a training step when run over every location) is
+        evaluated at those cells only (:meth:`warp_cells`); the offset CNN still runs densely.
 
         Args:
             theta_k, f_t, f_k: as for ``forward`` (lists over levels).
@@ -144,6 +136,13 @@ class KernelWarp(nn.Module):
     def warp_cells(self, theta_k: Tensor, offsets: Tensor, batch: Tensor, cell: Tensor) -> Tensor:
         """theta_warp of one level at some cells, given their offsets (see :meth:`warp_at`).
 
+        The deformable depthwise conv written out at those cells: tap ``(i, j)`` of cell
+        ``(y, x)`` reads ``theta_k`` bilinearly at ``(y - p + i + dy, x - p + j + dx)``, a corner
+        outside the map reads zero, and the taps are summed with the depthwise weight. That is
+        ``deform_conv2d``'s own sampling (same floor, same zero corners, so the same values and
+        gradients, offsets included: the tests compare the two), without its CPU backward, which
+        runs over the whole input map and took a tenth of a training step.
+
         Args:
             theta_k: ``[B, P, H, W]`` kernel map of the level.
             offsets: ``[n, 2*k*k]`` (dy, dx per tap) at the cells.
@@ -152,23 +151,25 @@ class KernelWarp(nn.Module):
             ``[n, P]``.
         """
         k, pad = self.kernel_size, self.kernel_size // 2
-        th = theta_k
-        b, cy, cx = batch, cell[:, 0], cell[:, 1]
-        # Column of each instance on its image's compact grid: its rank within the image.
-        seen = F.one_hot(b, th.shape[0]).cumsum(0) - 1  # [n, B]
-        col = seen.gather(1, b[:, None]).squeeze(1)  # [n]
-        m = int(col.max()) + 1
-        h, w = th.shape[-2:]
-        th_pad = F.pad(th, (0, max(0, m + k - 1 - w), 0, max(0, k - h)))  # [B, P, H', W']
-        hp, wp = th_pad.shape[-2:]
-        shift = torch.stack([cy - pad, cx - pad - col], dim=1).to(offsets.dtype)  # [n, 2]
-        off = offsets + shift.repeat(1, k * k)  # [n, 2*k*k]
-        grid = off.new_zeros(th.shape[0], 2 * k * k, 1, wp - k + 1)  # [B, 2kk, 1, W'-k+1]
-        grid[b, :, 0, col] = off
-        warped = deform_conv2d(
-            th_pad, grid.to(th.dtype), self.weight.to(th.dtype), stride=(hp, 1)
-        )  # [B, P, 1, W'-k+1]
-        return warped[b, :, 0, col]  # [n, P]
+        h, w = theta_k.shape[-2:]
+        offsets = offsets.to(theta_k.dtype)
+        taps = torch.arange(k, device=cell.device, dtype=offsets.dtype)
+        ty, tx = taps.repeat_interleave(k), taps.repeat(k)  # [k*k] row-major taps
+        py = cell[:, 0, None].to(offsets.dtype) - pad + ty + offsets[:, 0::2]  # [n, k*k]
+        px = cell[:, 1, None].to(offsets.dtype) - pad + tx + offsets[:, 1::2]
+        y0, x0 = py.floor(), px.floor()
+        ly, lx = py - y0, px - x0  # bilinear weights of the lower-right corner
+        y0, x0 = y0.long(), x0.long()
+        b = batch[:, None].expand_as(y0)  # [n, k*k]
+        sampled = 0
+        for dy, wy in ((0, 1 - ly), (1, ly)):
+            for dx, wx in ((0, 1 - lx), (1, lx)):
+                yy, xx = y0 + dy, x0 + dx
+                inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+                corner = theta_k[b, :, yy.clamp(0, h - 1), xx.clamp(0, w - 1)]  # [n, k*k, P]
+                sampled = sampled + corner * (wy * wx * inside)[..., None]
+        weight = self.weight.to(theta_k.dtype).flatten(1)  # [P, k*k]
+        return (sampled * weight.t()).sum(1)  # [n, P]
 
     def sampled_cells(self, offsets: Tensor, cell: Tensor, shape: tuple[int, int]) -> Tensor:
         """Where the warp at ``cell [n, 2]`` (y, x) with ``offsets [n, 2*k*k]`` reads theta_k:
