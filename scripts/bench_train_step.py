@@ -5,7 +5,9 @@
 
 Builds the network, criterion and data of ``conf/train.yaml`` with the overrides and times the
 plain step loop (no Lightning, logging or checkpoints) on the first batches of the training
-loader, loaded before the clock starts. Prints the median and mean step time.
+loader, loaded before the clock starts. Like training, it uses deterministic algorithms when the
+config's ``trainer.deterministic`` is set (the CPU default), without filling new tensors with NaN
+(``--fill-uninitialized`` measures that too). Prints the median and mean step time.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    parser.add_argument(
+        "--fill-uninitialized",
+        action="store_true",
+        help="with deterministic algorithms, also fill new tensors with NaN (torch's default)",
+    )
     args, overrides = parser.parse_known_args()
 
     import hydra
@@ -29,6 +36,9 @@ def main() -> None:
     from visstg.train import build_module
 
     cfg = OmegaConf.create(resolved(compose("train", overrides)))
+    if cfg.trainer.get("deterministic"):
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = args.fill_uninitialized
     torch.manual_seed(cfg.seed)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()

@@ -184,3 +184,27 @@ def test_bench_train_step_script_times_steps(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "1 steps, batch 2" in proc.stdout and "s/step" in proc.stdout
+
+
+def test_deterministic_trainer_does_not_fill_new_tensors(tmp_path: Path) -> None:
+    """trainer.deterministic turns on deterministic algorithms but not their NaN-filling of new
+    tensors (a debugging aid that cost ~10% of a CPU training step)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from visstg.config import compose, resolved
+    from visstg.train import build_trainer
+
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory)  # fmt: skip
+    try:
+        for deterministic in (True, False):
+            torch.utils.deterministic.fill_uninitialized_memory = True
+            overrides = ["logger=none", f"trainer.deterministic={deterministic}",
+                         f"paths.output_dir={tmp_path}"]  # fmt: skip
+            build_trainer(OmegaConf.create(resolved(compose("train", overrides))))
+            assert torch.are_deterministic_algorithms_enabled() is deterministic
+            assert torch.utils.deterministic.fill_uninitialized_memory is not deterministic
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]
