@@ -141,6 +141,22 @@ def test_video_results_vote_category_and_average_score() -> None:
     assert m.sum() == 12 * 12 - 4
 
 
+def test_video_score_weighted_by_coverage() -> None:
+    """coverage_power ranks a short track below a whole one of the same frame scores."""
+    script = [
+        [(0, 1, 0.9, BOX_A)],
+        [(0, 1, 0.5, BOX_A), (2, 3, 0.7, BOX_B)],
+        [],
+        [(0, 1, 0.7, BOX_A)],
+    ]
+    tracker, _ = run(script, coverage_power=0.5)
+    long, short = tracker.video_results(len(script))
+    assert long["score"] == pytest.approx((0.9 + 0.5 + 0.7) / 3 * (3 / 4) ** 0.5)
+    assert short["score"] == pytest.approx(0.7 * (1 / 4) ** 0.5)
+    tracker, _ = run(script)  # coverage_power 0: the plain means, the short track first
+    assert [r["score"] for r in tracker.video_results(len(script))] == pytest.approx([0.7, 0.7])
+
+
 def test_encode_masks_maps_back_to_original_resolution() -> None:
     logits = torch.full((1, 8, 12), -10.0)
     logits[0, 2:4, 3:6] = 10.0  # stride 4 -> rows 8..16, cols 12..24 of a 32x48 input

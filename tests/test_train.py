@@ -188,7 +188,7 @@ def test_bench_train_step_script_times_steps(tmp_path: Path) -> None:
 
 def test_deterministic_trainer_does_not_fill_new_tensors(tmp_path: Path) -> None:
     """trainer.deterministic turns on deterministic algorithms but not their NaN-filling of new
-    tensors (a debugging aid that cost ~10% of a CPU training step)."""
+    tensors (a debugging aid, no part of repeatability; build_trainer has the timings)."""
     import torch
     from omegaconf import OmegaConf
 

@@ -70,6 +70,10 @@ class TrackerConfig:
     new_track_threshold: minimum detection score to start a track.
     max_age: frames a lost track stays in memory (the paper's dt).
     mask_threshold: probability threshold of the binary masks.
+    coverage_power: a track's video-level score is its mean frame score times (frames it covers
+        / frames of the video) ** coverage_power; 0 gives the plain mean (MaskTrack R-CNN's).
+        The score only ranks tracks for AP: a short track of a few confident frames (a false
+        positive, or a fragment of an object another track covers) ranks below a whole one.
     """
 
     score_threshold: float = 0.1
@@ -77,6 +81,7 @@ class TrackerConfig:
     new_track_threshold: float = 0.2
     max_age: int = 7
     mask_threshold: float = 0.5
+    coverage_power: float = 0.0
 
 
 @dataclass
@@ -97,16 +102,19 @@ class Track:
         default_factory=dict
     )  # t -> rle, score, label
 
-    def video_result(self, length: int) -> dict[str, Any]:
-        """Video-level result: category by score-weighted vote, score = mean frame score."""
+    def video_result(self, length: int, coverage_power: float = 0.0) -> dict[str, Any]:
+        """Video-level result: category by score-weighted vote, score = mean frame score times
+        (covered frames / ``length``) ** ``coverage_power`` (:class:`TrackerConfig`)."""
         votes: dict[int, float] = defaultdict(float)
         for _, score, label in self.frames.values():
             votes[label] += score
         label = max(votes, key=lambda k: (votes[k], -k))
+        mean = float(np.mean([s for _, s, _ in self.frames.values()]))
+        coverage = len(self.frames) / max(length, 1)
         return {
             "track_id": self.id,
             "label": label,
-            "score": float(np.mean([s for _, s, _ in self.frames.values()])),
+            "score": mean * coverage**coverage_power,
             "segmentations": [
                 self.frames[t][0] if t in self.frames else None for t in range(length)
             ],
@@ -292,7 +300,8 @@ class OnlineTracker:
     def video_results(self, length: int) -> list[dict[str, Any]]:
         """Every track of the video (finished and live) as a video-level result."""
         tracks = sorted(self.finished + self.live, key=lambda tr: tr.id)
-        return [tr.video_result(length) for tr in tracks if tr.frames]
+        power = self.cfg.coverage_power
+        return [tr.video_result(length, power) for tr in tracks if tr.frames]
 
     def run(self, video) -> list[dict[str, Any]]:
         """Track a whole :class:`~visstg.data.datamodule.VideoSample`; returns video results."""
