@@ -8,7 +8,8 @@ whether it is found (IoU >= 0.3) and, if so, how good its mask is.
     python scripts/frame_masks.py CKPT [--split valid] [--score 0.2] [--videos N]
 
 prints, per category, the number of (object, frame) pairs, the fraction missed and the mean
-best IoU of those found, then the same over all categories.
+best IoU of those found, then the same over all categories, and the same by the object's visible
+area in that frame (original pixels; ``--areas`` sets the bucket edges).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="valid", help="split of the checkpoint's dataset")
     parser.add_argument("--score", type=float, default=0.2, help="lowest detection score kept")
     parser.add_argument("--videos", type=int, default=None, help="first N videos only")
+    parser.add_argument(
+        "--areas", type=int, nargs="+", default=[300, 800, 2000],
+        help="edges of the visible-area buckets, in original pixels",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     threshold = tracker_config(model.config.get("tracker"), None).mask_threshold
     names = {c["id"]: c["name"] for c in split.categories}
     annotations = load_gt(split.path)["annotations"]  # segmentations: compressed RLE or None
-    best_iou: dict[int, list[float]] = {cid: [] for cid in names}
+    pairs: list[tuple[int, float, float]] = []  # (category, best IoU, visible area) per pair
     count = len(videos) if args.videos is None else min(args.videos, len(videos))
     for index in range(count):
         video = videos[index]
@@ -62,17 +67,27 @@ def main(argv: list[str] | None = None) -> None:
                 ious = np.asarray(mask_utils.iou(dets, rles, [0] * len(rles))).max(0)
             else:
                 ious = np.zeros(len(rles))
-            for (_, cid), iou in zip(gts, ious):
-                best_iou[cid].append(float(iou))
+            for (_, cid), iou, area in zip(gts, ious, mask_utils.area(rles)):
+                pairs.append((cid, float(iou), float(area)))
 
     print(f"{args.ckpt}: {args.split}, {count} videos, score >= {args.score}, mask {threshold}")
-    print(f"{'category':10s} {'pairs':>6s} {'missed':>7s} {'IoU found':>9s}")
-    rows = [(names[cid], np.asarray(v)) for cid, v in best_iou.items() if v]
-    rows.append(("all", np.concatenate([v for _, v in rows])))
-    for name, ious in rows:
-        found = ious[ious >= 0.3]
+    if not pairs:
+        print("no annotated object in these videos")
+        return
+    print(f"{'category':14s} {'pairs':>6s} {'missed':>7s} {'IoU found':>9s}")
+    cats, ious, area = (np.asarray(column) for column in zip(*pairs))
+    rows = [(names[cid], ious[cats == cid]) for cid in names if (cats == cid).any()]
+    rows.append(("all", ious))
+    edges = [0, *args.areas, np.inf]
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (area >= lo) & (area < hi)
+        if sel.any():
+            label = f"{int(lo)}-{int(hi)}" if np.isfinite(hi) else f">={int(lo)}"
+            rows.append((f"area_{label}", ious[sel]))
+    for name, row in rows:
+        found = row[row >= 0.3]
         mean = f"{found.mean():.3f}" if len(found) else "-"
-        print(f"{name:10s} {len(ious):6d} {(ious < 0.3).mean():7.3f} {mean:>9s}")
+        print(f"{name:14s} {len(row):6d} {(row < 0.3).mean():7.3f} {mean:>9s}")
 
 
 if __name__ == "__main__":

@@ -187,7 +187,7 @@ def test_frame_masks_script_counts_every_annotated_object_frame(
     checkpoint: Path, synthetic_root: Path, capsys
 ) -> None:
     """scripts/frame_masks.py: one row per category with annotated objects, plus "all", whose
-    pair count is every non-null segmentation of the split."""
+    pair count is every non-null segmentation of the split, and area rows that add up to it."""
     import importlib.util
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "frame_masks.py"
@@ -200,6 +200,31 @@ def test_frame_masks_script_counts_every_annotated_object_frame(
     gt = json.loads((synthetic_root / "valid.json").read_text())
     pairs = sum(1 for a in gt["annotations"] for seg in a["segmentations"] if seg)
     names = {c["id"]: c["name"] for c in gt["categories"]}
+    by_area = {k: v for k, v in rows.items() if k.startswith("area_")}
+    assert by_area and sum(int(v[0]) for v in by_area.values()) == pairs
+    rows = {k: v for k, v in rows.items() if not k.startswith("area_")}
     assert set(rows) == {names[a["category_id"]] for a in gt["annotations"]} | {"all"}
     assert int(rows["all"][0]) == pairs
     assert 0.0 <= float(rows["all"][1]) <= 1.0
+
+
+def test_track_errors_script_puts_every_object_frame_in_one_bucket(
+    checkpoint: Path, capsys
+) -> None:
+    """scripts/track_errors.py: the exclusive buckets of the (object, frame) pairs add up to 1,
+    and the two "low IoU" details are parts of it."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "track_errors.py"
+    spec = importlib.util.spec_from_file_location("track_errors", script)
+    track_errors = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(track_errors)
+    track_errors.main([str(checkpoint), "--tracker", "new_track_threshold=0.0"])
+    lines = capsys.readouterr().out.splitlines()
+    (head,) = [i for i, line in enumerate(lines) if line.endswith(" pairs")]  # after the bar
+    assert int(lines[head].split()[-2]) > 0
+    frac = {line[:28].strip(): float(line[28:]) for line in lines[head + 1 :]}
+    exclusive = ["covered", "low IoU", "before start", "after end", "gap", "no track"]
+    assert sum(frac[k] for k in exclusive) == pytest.approx(1.0, abs=4e-3)
+    assert frac["on another object"] <= frac["low IoU"]
+    assert frac["object tracked elsewhere"] <= frac["low IoU"]
