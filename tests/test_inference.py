@@ -183,17 +183,24 @@ def test_evaluate_checkpoint_without_ground_truth(
     assert not (tmp_path / "m.json").exists()
 
 
+def _script(name: str):
+    """A module of scripts/ (not a package), loaded from its file."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_frame_masks_script_counts_every_annotated_object_frame(
     checkpoint: Path, synthetic_root: Path, capsys
 ) -> None:
     """scripts/frame_masks.py: one row per category with annotated objects, plus "all", whose
     pair count is every non-null segmentation of the split, and area rows that add up to it."""
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "frame_masks.py"
-    spec = importlib.util.spec_from_file_location("frame_masks", script)
-    frame_masks = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(frame_masks)
+    frame_masks = _script("frame_masks")
     frame_masks.main([str(checkpoint), "--score", "0.0"])
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
@@ -213,12 +220,7 @@ def test_track_errors_script_puts_every_object_frame_in_one_bucket(
 ) -> None:
     """scripts/track_errors.py: the exclusive buckets of the (object, frame) pairs add up to 1,
     and the two "low IoU" details are parts of it."""
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "track_errors.py"
-    spec = importlib.util.spec_from_file_location("track_errors", script)
-    track_errors = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(track_errors)
+    track_errors = _script("track_errors")
     track_errors.main([str(checkpoint), "--tracker", "new_track_threshold=0.0"])
     lines = capsys.readouterr().out.splitlines()
     (head,) = [i for i, line in enumerate(lines) if line.endswith(" pairs")]  # after the bar
