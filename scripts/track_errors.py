@@ -25,14 +25,12 @@ import argparse
 
 
 def _decode(seg, shape):
+    """A results or :func:`visstg.eval.load_gt` segmentation (RLE or None) -> boolean mask."""
     import numpy as np
-    from pycocotools import mask as mask_utils
 
-    if seg is None:
-        return np.zeros(shape, dtype=bool)
-    if isinstance(seg["counts"], list):
-        seg = mask_utils.frPyObjects(seg, *shape)
-    return mask_utils.decode(seg).astype(bool)
+    from visstg.viz import decode_rle
+
+    return np.zeros(shape, dtype=bool) if seg is None else decode_rle(seg)
 
 
 def _iou(a, b) -> float:

@@ -150,13 +150,9 @@ class KernelWarp(nn.Module):
         Returns:
             ``[n, P]``.
         """
-        k, pad = self.kernel_size, self.kernel_size // 2
         h, w = theta_k.shape[-2:]
         offsets = offsets.to(theta_k.dtype)
-        taps = torch.arange(k, device=cell.device, dtype=offsets.dtype)
-        ty, tx = taps.repeat_interleave(k), taps.repeat(k)  # [k*k] row-major taps
-        py = cell[:, 0, None].to(offsets.dtype) - pad + ty + offsets[:, 0::2]  # [n, k*k]
-        px = cell[:, 1, None].to(offsets.dtype) - pad + tx + offsets[:, 1::2]
+        py, px = self._sample_points(offsets, cell)  # [n, k*k] each
         y0, x0 = py.floor(), px.floor()
         ly, lx = py - y0, px - x0  # bilinear weights of the lower-right corner
         y0, x0 = y0.long(), x0.long()
@@ -171,17 +167,24 @@ class KernelWarp(nn.Module):
         weight = self.weight.to(theta_k.dtype).flatten(1)  # [P, k*k]
         return (sampled * weight.t()).sum(1)  # [n, P]
 
+    def _sample_points(self, offsets: Tensor, cell: Tensor) -> tuple[Tensor, Tensor]:
+        """Where each tap of the warp at ``cell [n, 2]`` (y, x) samples, with ``offsets
+        [n, 2*k*k]``: rows and columns ``[n, k*k]`` (``y - p + i + dy``, ``x - p + j + dx``, in
+        ``offsets``' dtype; taps row-major, as ``deform_conv2d`` orders them)."""
+        k, pad = self.kernel_size, self.kernel_size // 2
+        taps = torch.arange(k, device=cell.device, dtype=offsets.dtype)
+        ty, tx = taps.repeat_interleave(k), taps.repeat(k)  # [k*k] row-major taps
+        py = cell[:, 0, None].to(offsets.dtype) - pad + ty + offsets[:, 0::2]
+        px = cell[:, 1, None].to(offsets.dtype) - pad + tx + offsets[:, 1::2]
+        return py, px
+
     def sampled_cells(self, offsets: Tensor, cell: Tensor, shape: tuple[int, int]) -> Tensor:
         """Where the warp at ``cell [n, 2]`` (y, x) with ``offsets [n, 2*k*k]`` reads theta_k:
         boolean ``[H, W]``, True on the (up to) four cells around every tap's bilinear sample
         point. A tolerance of 1e-3 cell on the floor keeps float rounding from dropping one, so
         theta_k is only needed on these cells (the warp is exact with zeros elsewhere)."""
-        k, pad = self.kernel_size, self.kernel_size // 2
         h, w = shape
-        taps = torch.arange(k, device=cell.device, dtype=offsets.dtype)
-        ty, tx = taps.repeat_interleave(k), taps.repeat(k)  # [k*k] row-major taps
-        py = cell[:, 0, None].to(offsets.dtype) - pad + ty + offsets[:, 0::2]  # [n, k*k]
-        px = cell[:, 1, None].to(offsets.dtype) - pad + tx + offsets[:, 1::2]
+        py, px = self._sample_points(offsets, cell)  # [n, k*k] each
         ys, ok_y = _corner_rows(py, h)  # [n, k*k, 3] each
         xs, ok_x = _corner_rows(px, w)
         yy = ys[..., :, None].expand(-1, -1, 3, 3)  # [n, k*k, 3, 3]
