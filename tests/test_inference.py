@@ -147,6 +147,31 @@ def test_evaluate_checkpoint_end_to_end(
     assert json.loads((tmp_path / "none_results.json").read_text()) == []
 
 
+def test_evaluate_checkpoint_test_size_overrides_the_checkpoints(
+    tmp_path: Path, checkpoint: Path, monkeypatch
+) -> None:
+    """``test_size=`` / ``max_size=`` reach the split's frames; unset, the checkpoint's sizes."""
+    import visstg.inference
+    from visstg.config import compose
+    from visstg.evaluate import evaluate_checkpoint
+
+    class Seen(Exception):
+        pass
+
+    def infer_split(model, data_cfg, *args, **kwargs):
+        raise Seen(data_cfg["test_size"], data_cfg["max_size"], model.config["data"]["max_size"])
+
+    monkeypatch.setattr(visstg.inference, "infer_split", infer_split)
+    base = [f"ckpt_path={checkpoint}", f"output={tmp_path / 'm.json'}"]
+    with pytest.raises(Seen) as seen:
+        evaluate_checkpoint(compose("evaluate", [*base, "test_size=48"]))
+    test_size, max_size, trained_max = seen.value.args
+    assert (test_size, max_size) == (48, trained_max)
+    with pytest.raises(Seen) as seen:
+        evaluate_checkpoint(compose("evaluate", base))
+    assert seen.value.args[0] != 48
+
+
 def test_tracker_overrides_of_predict_and_evaluate_compose_without_plus() -> None:
     """Both entry points list the tracker keys (null: the checkpoint's value), so
     ``tracker.KEY=V`` works as their comments and the README say."""

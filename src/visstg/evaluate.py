@@ -62,8 +62,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """Checkpoint mode: inference on ``cfg.split`` with ``cfg.ckpt_path``, then scoring.
 
     The data is the checkpoint's training data config unless ``data=NAME`` picks another;
-    ``data.root=DIR`` points it at another copy in the same layout. A split without ground
-    truth gets its results JSON and submission zip written instead of metrics.
+    ``data.root=DIR`` points it at another copy in the same layout, and ``test_size`` /
+    ``max_size`` change the size the frames are resized to. A split without ground truth gets
+    its results JSON and submission zip written instead of metrics.
     """
     from omegaconf import OmegaConf
 
@@ -88,6 +89,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     data_cfg = dict(model.config["data"]) if not chosen.get("name") else chosen
     if chosen.get("root"):
         data_cfg["root"] = chosen["root"]
+    for key in ("test_size", "max_size"):
+        if cfg.get(key):
+            data_cfg[key] = cfg[key]
     tracker = OmegaConf.to_container(cfg.tracker, resolve=True) if cfg.get("tracker") else None
     ds, results = infer_split(model, data_cfg, cfg.split, tracker, device, cfg.get("max_videos"))
 
