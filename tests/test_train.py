@@ -208,3 +208,18 @@ def test_deterministic_trainer_does_not_fill_new_tensors(tmp_path: Path) -> None
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.utils.deterministic.fill_uninitialized_memory = before[1]
+
+
+@pytest.mark.parametrize(("upsample", "stride"), [(1, 4), (2, 2)])
+def test_criterion_masks_follow_the_networks_mask_stride(upsample: int, stride: int) -> None:
+    # The loss group does not say at which stride the mask logits come out; a criterion left at
+    # 4 would crop stride-4 targets to a stride-2 logit map without complaint.
+    from omegaconf import OmegaConf
+
+    from visstg.config import compose, resolved
+    from visstg.train import build_module
+
+    overrides = ["model.dim=16", f"model.mask_upsample={upsample}"]
+    module = build_module(OmegaConf.create(resolved(compose("train", overrides))))
+    assert module.net.mask_stride == stride
+    assert module.criterion.mask_target_stride == stride

@@ -66,9 +66,14 @@ def build_module(cfg: DictConfig):
     """The LightningModule: network, criterion, optimizer and schedule from the config."""
     from visstg.lit import VisSTGModule
 
+    net = hydra.utils.instantiate(cfg.model)
     return VisSTGModule(
-        net=hydra.utils.instantiate(cfg.model),
-        criterion=hydra.utils.instantiate(cfg.criterion),
+        net=net,
+        # The mask targets are downsampled to the stride the network's mask logits come out at
+        # (model.mask_feat_stride / model.mask_upsample), whatever the loss group says.
+        criterion=hydra.utils.instantiate(
+            cfg.criterion, mask_target_stride=getattr(net, "mask_stride", 4)
+        ),
         optimizer=hydra.utils.instantiate(cfg.optimizer),
         scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
         scheduler_interval=cfg.get("scheduler_interval", "step"),
