@@ -28,25 +28,13 @@ def main() -> None:
     )
     args, overrides = parser.parse_known_args()
 
-    import hydra
     import torch
-    from omegaconf import OmegaConf
 
-    from visstg.config import compose, resolved
-    from visstg.train import build_module
+    from step_loop import build_step_loop
 
-    cfg = OmegaConf.create(resolved(compose("train", overrides)))
-    if cfg.trainer.get("deterministic"):
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = args.fill_uninitialized
-    torch.manual_seed(cfg.seed)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    module = build_module(cfg)
-    net, criterion = module.net.train(), module.criterion
-    optimizer = module.optimizer_factory([p for p in net.parameters() if p.requires_grad])
-    loader = iter(datamodule.train_dataloader())
+    loop = build_step_loop(overrides, fill_uninitialized=args.fill_uninitialized)
+    cfg, net, criterion, optimizer = loop.cfg, loop.net, loop.criterion, loop.optimizer
+    loader = iter(loop.datamodule.train_dataloader())
     batches = [next(loader) for _ in range(min(args.steps + args.warmup, len(loader)))]
 
     times = []
