@@ -35,6 +35,8 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     # Heads in bf16 for training; the dynamic mask head runs at stride 4.
     assert model["head_autocast"] == "bf16" and model["mask_feat_stride"] == 4
     assert model["mask_branch"]["upsample"] == 2 and model["mask_upsample"] == 1
+    # Its hidden activations leak (a ReLU head died in the first steps, conf/head/default.yaml).
+    assert model["mask_negative_slope"] == 0.01
     # One GNN update (docs/ablations.md, Table 1).
     assert model["gnn"]["iterations"] == 1
     # Tracker thresholds chosen on the tuning set (conf/train.yaml), mask pixels at 0.4; the
@@ -77,6 +79,7 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert not model["nms_class_agnostic"] and not model["edge_class_agnostic"]
     assert model["mask_feat_stride"] == 8 and model["mask_upsample"] == 2
     assert model["mask_branch"]["upsample"] == 1 and model["head_autocast"] is None
+    assert model["mask_negative_slope"] == 0.0  # CondInst's ReLU
     assert not model["mask_branch"]["fine"] and not model["backbone"]["fine_level"]
     assert cfg["criterion"]["mask_bce"] == 0.0
     assert cfg["tracker"]["score_threshold"] == 0.1

@@ -82,7 +82,7 @@ def test_relative_coords_convention():
     torch.testing.assert_close(rc[0, :, 0, 0], torch.tensor([(4 - 12) / 64, 0.0]))
 
 
-def _explicit_head(mask_feats, params, batch, centers, soi, stride):
+def _explicit_head(mask_feats, params, batch, centers, soi, stride, slope=0.0):
     """One instance at a time: three F.conv2d 1x1 layers over [feats, coords]."""
     out = []
     h, w = mask_feats.shape[-2:]
@@ -99,8 +99,8 @@ def _explicit_head(mask_feats, params, batch, centers, soi, stride):
         rx = (xs[None, :] - centers[n, 0]).expand(h, w) / soi[n]
         ry = (ys[:, None] - centers[n, 1]).expand(h, w) / soi[n]
         x = torch.cat([mask_feats[batch[n]], torch.stack([rx, ry])], 0)[None]  # [1, 10, h, w]
-        x = F.relu(F.conv2d(x, w1, b1))
-        x = F.relu(F.conv2d(x, w2, b2))
+        x = F.leaky_relu(F.conv2d(x, w1, b1), slope)
+        x = F.leaky_relu(F.conv2d(x, w2, b2), slope)
         out.append(F.conv2d(x, w3, b3)[0, 0])
     return torch.stack(out)
 
@@ -116,6 +116,42 @@ def test_dynamic_mask_head_equals_explicit_per_instance_convs():
     exp = _explicit_head(mask_feats, params, batch, centers, soi, 8)
     assert got.shape == (3, 5, 7)
     torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+
+
+def test_leaky_dynamic_mask_head_equals_explicit_per_instance_convs():
+    torch.manual_seed(1)
+    mask_feats = torch.randn(1, 8, 4, 6)
+    params = torch.randn(2, 169)
+    batch, soi = torch.zeros(2, dtype=torch.long), torch.tensor([64.0, 64.0])
+    centers = torch.tensor([[8.0, 8.0], [30.0, 20.0]])
+    got = dynamic_mask_head(mask_feats, params, batch, centers, soi, 8, negative_slope=0.1)
+    exp = _explicit_head(mask_feats, params, batch, centers, soi, 8, slope=0.1)
+    torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    relu = dynamic_mask_head(mask_feats, params, batch, centers, soi, 8)
+    assert not torch.allclose(got, relu)  # the slope reaches the hidden layers
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.01])
+def test_a_dead_second_layer_passes_gradient_only_with_a_leak(slope):
+    # Every second-layer unit negative at every pixel (biases -10, small weights): with ReLU
+    # the output is the last bias for all pixels and nothing before it gets a gradient.
+    torch.manual_seed(0)
+    mask_feats = torch.randn(1, 8, 4, 6, requires_grad=True)
+    params = torch.randn(1, 169)
+    params[0, 80:144] *= 0.01  # layer-2 weights
+    params[0, 160:168] = -10.0  # layer-2 biases
+    params.requires_grad_(True)
+    logits = dynamic_mask_head(mask_feats, params, torch.zeros(1, dtype=torch.long),
+                               torch.tensor([[12.0, 12.0]]), torch.tensor([64.0]), 8,
+                               negative_slope=slope)  # fmt: skip
+    (logits * torch.randn_like(logits)).sum().backward()
+    layer1_grad = params.grad[0, :80].abs().sum() + params.grad[0, 152:160].abs().sum()
+    if slope == 0.0:
+        assert float(logits.amax() - logits.amin()) == 0.0  # one constant: the last bias
+        assert float(layer1_grad) == 0.0 and float(mask_feats.grad.abs().sum()) == 0.0
+    else:
+        assert float(logits.amax() - logits.amin()) > 0.0
+        assert float(layer1_grad) > 0.0 and float(mask_feats.grad.abs().sum()) > 0.0
 
 
 def test_dynamic_mask_head_empty_is_connected():

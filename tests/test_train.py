@@ -186,6 +186,42 @@ def test_bench_train_step_script_times_steps(tmp_path: Path) -> None:
     assert "1 steps, batch 2" in proc.stdout and "s/step" in proc.stdout
 
 
+def test_mask_head_health_script_reports_windows(tmp_path: Path) -> None:
+    """scripts/mask_head_health.py runs the step loop with the run's schedule and reports the
+    mask loss and constant-mask share per window, then when the loss fell under --below."""
+    overrides = [o for o in tiny(tmp_path / "data", tmp_path / "x") if "hydra.run.dir" not in o]
+    script = Path(__file__).resolve().parents[1] / "scripts" / "mask_head_health.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--steps", "3", "--every", "2", "--below", "100",
+         "model.mask_negative_slope=0", *overrides],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "3 steps, batch 2, mask_negative_slope 0.0" in out
+    rows = [line for line in out.splitlines() if line.startswith("| 1-2 |") or
+            line.startswith("| 3-3 |")]  # fmt: skip
+    assert len(rows) == 2
+    assert "mask loss under 100.0 (window mean) by step 2" in out
+
+
+def test_constant_share_counts_flat_logit_maps() -> None:
+    import importlib.util
+
+    import torch
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "mask_head_health.py"
+    spec = importlib.util.spec_from_file_location("mask_head_health", script)
+    health = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(health)
+    logits = torch.randn(4, 3, 5)
+    logits[1] = 2.5
+    logits[3] = -1.0
+    assert health.constant_share(logits) == 0.5
+    empty = health.constant_share(torch.zeros(0, 3, 5))
+    assert empty != empty  # NaN: no instance in the batch, not "none constant"
+
+
 def test_deterministic_trainer_does_not_fill_new_tensors(tmp_path: Path) -> None:
     """trainer.deterministic turns on deterministic algorithms but not their NaN-filling of new
     tensors (a debugging aid, no part of repeatability; build_trainer has the timings)."""

@@ -493,3 +493,14 @@ def test_head_autocast_bf16_trains_in_float32_outputs_close_to_full_precision():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     with pytest.raises(ValueError, match="head_autocast"):
         tiny_net(head_autocast="int8")
+
+
+def test_mask_negative_slope_reaches_the_dynamic_head_and_is_checked():
+    batch = pair_batch()
+    # tiny_net seeds itself: the same weights, only the activation differs.
+    relu, leaky = tiny_net(), tiny_net(mask_negative_slope=0.2)
+    a, b = relu.forward_train(batch), leaky.forward_train(batch)
+    assert a["mask_logits"].shape == b["mask_logits"].shape
+    assert not torch.allclose(a["mask_logits"], b["mask_logits"])
+    with pytest.raises(ValueError, match="mask_negative_slope"):
+        tiny_net(mask_negative_slope=-0.1)

@@ -320,11 +320,13 @@ def dynamic_mask_head(
     mask_stride: int = 8,
     channels: int = 8,
     num_layers: int = 3,
+    negative_slope: float = 0.0,
 ) -> Tensor:
     """Run every instance's dynamic FCN on its image's mask features, all at once.
 
     Input of instance ``n`` is ``cat([mask_feats[batch[n]], relative_coords(n)])``; the layers
-    are 1x1 convs (one group per instance) with ReLU between them and none after the last.
+    are 1x1 convs (one group per instance) with ReLU between them (CondInst's; leaky with slope
+    ``negative_slope`` > 0) and none after the last.
 
     Args:
         mask_feats: ``[B, Cm, h, w]`` mask-branch output (Cm = 8).
@@ -332,6 +334,13 @@ def dynamic_mask_head(
         batch: ``[N]`` image of each instance.
         centers: ``[N, 2]`` centres (x, y) in input pixels.
         soi: ``[N]`` sizes of interest.
+        negative_slope: of the hidden activations (0: ReLU). Every instance's hidden units are
+            the controller's outputs, so a ReLU layer can go dead for all instances at once: the
+            mask loss first pushes every logit down (most pixels are background), and with ReLU
+            the second layer's units can all turn off, after which the output is the last bias
+            alone and nothing upstream of it gets a gradient. From scratch under AdamW that
+            happened within 75 steps for two of three seeds of the synthetic default; a small
+            leak keeps the gradient (conf/head/default.yaml, ``scripts/mask_head_health.py``).
     Returns:
         ``[N, h, w]`` mask logits at the mask-feature stride (``[0, h, w]`` if N == 0, still
         connected to ``params`` and ``mask_feats``).
@@ -347,7 +356,7 @@ def dynamic_mask_head(
     for i, (wt, b) in enumerate(zip(weights, biases)):
         x = F.conv2d(x, wt, b, groups=n)  # [1, N*out_i, h, w]
         if i < len(weights) - 1:
-            x = F.relu(x)
+            x = F.leaky_relu(x, negative_slope) if negative_slope else F.relu(x)
     return x.reshape(n, h, w)
 
 

@@ -80,6 +80,9 @@ class VisSTG(nn.Module):
         mask_feat_stride: stride of the mask-branch features (8, or 8 / ``mask_branch.upsample``),
             where the dynamic head runs; mask logits are upsampled by ``mask_upsample`` (2), so
             they come out at ``self.mask_stride`` = 8 / 2 = 4.
+        mask_negative_slope: slope of the dynamic mask head's hidden activations for negative
+            inputs (0: CondInst's ReLU; :func:`~visstg.model.segmentation.dynamic_mask_head` says
+            why the from-scratch default leaks).
         mask_combine: inference mask logit when a reference exists: ``"mean"`` of M and M',
             ``"target"`` (M only) or ``"warp"`` (M' only).
         mask_neighbours: training reads the target and reference kernels (M and the reference
@@ -139,6 +142,7 @@ class VisSTG(nn.Module):
         sizes_of_interest: Sequence[float] = DEFAULT_SIZES_OF_INTEREST,
         mask_feat_stride: int = 8,
         mask_upsample: int = 2,
+        mask_negative_slope: float = 0.0,
         mask_combine: str = "mean",
         mask_neighbours: int = 0,
         fusion: str = "relation",
@@ -181,6 +185,9 @@ class VisSTG(nn.Module):
         # Stride of every returned mask logit map (the tracker reads it to place masks).
         self.mask_stride = mask_feat_stride // mask_upsample
         self.mask_upsample = mask_upsample
+        if mask_negative_slope < 0:
+            raise ValueError(f"VisSTG: mask_negative_slope must be >= 0, got {mask_negative_slope}")
+        self.mask_negative_slope = float(mask_negative_slope)
         self.mask_combine = mask_combine
         if mask_neighbours < 0:
             raise ValueError(f"VisSTG: mask_neighbours must be >= 0, got {mask_neighbours}")
@@ -300,7 +307,13 @@ class VisSTG(nn.Module):
     ) -> Tensor:
         """Dynamic-head mask logits of instances with kernels ``params [N, 169]``."""
         logits = dynamic_mask_head(
-            mask_feats, params, batch, centers, self._soi(level), self.mask_feat_stride
+            mask_feats,
+            params,
+            batch,
+            centers,
+            self._soi(level),
+            self.mask_feat_stride,
+            negative_slope=self.mask_negative_slope,
         )  # [N, h, w]
         return upsample_mask_logits(logits, self.mask_upsample)
 
