@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 H, W = 48, 64
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 COLOURS = {1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255)}
 
 
@@ -138,3 +139,17 @@ def tiny_root(tmp_path: Path) -> Path:
     make_dataset(tmp_path, "train")
     make_dataset(tmp_path, "valid")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def load_script():
+    """``load_script(name)``: a module of scripts/ (not a package), loaded from its file."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

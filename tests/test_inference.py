@@ -208,24 +208,12 @@ def test_evaluate_checkpoint_without_ground_truth(
     assert not (tmp_path / "m.json").exists()
 
 
-def _script(name: str):
-    """A module of scripts/ (not a package), loaded from its file."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_frame_masks_script_counts_every_annotated_object_frame(
-    checkpoint: Path, synthetic_root: Path, capsys
+    checkpoint: Path, synthetic_root: Path, capsys, load_script
 ) -> None:
     """scripts/frame_masks.py: one row per category with annotated objects, plus "all", whose
     pair count is every non-null segmentation of the split, and area rows that add up to it."""
-    frame_masks = _script("frame_masks")
+    frame_masks = load_script("frame_masks")
     frame_masks.main([str(checkpoint), "--score", "0.0"])
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:]}
@@ -241,11 +229,11 @@ def test_frame_masks_script_counts_every_annotated_object_frame(
 
 
 def test_track_errors_script_puts_every_object_frame_in_one_bucket(
-    checkpoint: Path, capsys
+    checkpoint: Path, capsys, load_script
 ) -> None:
     """scripts/track_errors.py: the exclusive buckets of the (object, frame) pairs add up to 1,
     and the two "low IoU" details are parts of it."""
-    track_errors = _script("track_errors")
+    track_errors = load_script("track_errors")
     track_errors.main([str(checkpoint), "--tracker", "new_track_threshold=0.0"])
     lines = capsys.readouterr().out.splitlines()
     (head,) = [i for i, line in enumerate(lines) if line.endswith(" pairs")]  # after the bar

@@ -205,15 +205,10 @@ def test_mask_head_health_script_reports_windows(tmp_path: Path) -> None:
     assert "mask loss under 100.0 (window mean) by step 2" in out
 
 
-def test_constant_share_counts_flat_logit_maps() -> None:
-    import importlib.util
-
+def test_constant_share_counts_flat_logit_maps(load_script) -> None:
     import torch
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "mask_head_health.py"
-    spec = importlib.util.spec_from_file_location("mask_head_health", script)
-    health = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(health)
+    health = load_script("mask_head_health")
     logits = torch.randn(4, 3, 5)
     logits[1] = 2.5
     logits[3] = -1.0
