@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         total = int(cfg.trainer.max_epochs) * len(loader)
         scheduler = loop.module.scheduler_factory(optimizer, total_steps=total)
     clip = cfg.trainer.get("gradient_clip_val")
-    params = [p for p in net.parameters() if p.requires_grad]
 
     print(f"{args.steps} steps, batch {cfg.data.batch_size}, "
           f"mask_negative_slope {getattr(net, 'mask_negative_slope', 0.0)}, seed {cfg.seed}")  # fmt: skip
@@ -66,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         if clip:
-            torch.nn.utils.clip_grad_norm_(params, float(clip))
+            torch.nn.utils.clip_grad_norm_(loop.params, float(clip))
         optimizer.step()
         if scheduler is not None:
             scheduler.step()

@@ -17,6 +17,7 @@ class StepLoop:
     cfg: Any  # the resolved DictConfig
     datamodule: Any
     module: Any  # visstg.lit.VisSTGModule (its net in train mode)
+    params: list  # the trainable parameters, which the optimizer steps
     optimizer: Any
 
     @property
@@ -51,5 +52,6 @@ def build_step_loop(overrides: list[str], fill_uninitialized: bool = False) -> S
     datamodule.setup("fit")
     module = build_module(cfg)
     module.net.train()
-    optimizer = module.optimizer_factory([p for p in module.net.parameters() if p.requires_grad])
-    return StepLoop(cfg=cfg, datamodule=datamodule, module=module, optimizer=optimizer)
+    params = [p for p in module.net.parameters() if p.requires_grad]
+    optimizer = module.optimizer_factory(params)
+    return StepLoop(cfg, datamodule, module, params, optimizer)
