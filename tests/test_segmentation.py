@@ -225,6 +225,22 @@ def test_mask_branch_fine_adds_a_stride_4_map_to_the_upsampled_output():
         mb(feats, fine_map[..., :15, :])
     with pytest.raises(ValueError, match="upsample must be 2"):
         MaskBranch(16, 8, fine=True)
+    with pytest.raises(ValueError, match="upsample must be 2"):
+        MaskBranch(16, 8, fine=True, upsample=8)
+
+
+def test_mask_branch_fine_upsample_4_resizes_the_stride_4_sum_to_stride_2():
+    """``fine=True, upsample=4``: the stride-4 output (upsampled P3 + fine detail) resized x2."""
+    feats = [torch.randn(2, 16, 8, 12), torch.randn(2, 16, 4, 6), torch.randn(2, 16, 2, 3)]
+    fine_map = torch.randn(2, 16, 16, 24)
+    torch.manual_seed(0)
+    at4 = MaskBranch(16, 8, out_channels=8, num_convs=2, upsample=2, fine=True)
+    at2 = MaskBranch(16, 8, out_channels=8, num_convs=2, upsample=4, fine=True)
+    at2.load_state_dict(at4.state_dict())
+    out = at2(feats, fine_map)
+    assert out.shape == (2, 8, 32, 48)
+    expected = F.interpolate(at4(feats, fine_map), scale_factor=2, mode="bilinear")
+    torch.testing.assert_close(out, expected)
 
 
 def test_box_bce_loss_is_the_mean_bce_over_the_cells_each_box_overlaps():

@@ -172,10 +172,11 @@ class MaskBranch(nn.Module):
     on a finer grid of relative coordinates and draws sharper boundaries than upsampled logits;
     the model's ``mask_feat_stride`` must say the same stride.
 
-    ``fine`` (needs ``upsample=2``) adds real stride-4 detail: the forward also takes a stride-4
-    map (``ResNetFPN(fine_level=True)``'s C2 lateral), which goes through one 3x3 conv + ReLU
-    (GroupNorm with ``norm``) and a 1x1 conv to ``out_channels``, and is added to the upsampled
-    output. Upsampled stride-8 features can only hold what a stride-8 grid holds: on the synthetic
+    ``fine`` (needs ``upsample`` 2 or 4) adds real stride-4 detail: the forward also takes a
+    stride-4 map (``ResNetFPN(fine_level=True)``'s C2 lateral), which goes through one 3x3 conv +
+    ReLU (GroupNorm with ``norm``) and a 1x1 conv to ``out_channels``, and is added to the output
+    upsampled to stride 4; with ``upsample=4`` that sum is then resized bilinearly to stride 2,
+    where the dynamic head draws the mask from it and relative coordinates of a stride-2 grid. Upsampled stride-8 features can only hold what a stride-8 grid holds: on the synthetic
     data at the 128-pixel default input, ground-truth masks seen through a stride-8 grid reach
     IoU 0.41 for rings and 0.56-0.77 for the other shapes, through a stride-4 grid 0.78-0.90
     (scripts/mask_oracle.py); conf/head/default.yaml has what it changed in training.
@@ -200,10 +201,10 @@ class MaskBranch(nn.Module):
         super().__init__()
         if upsample < 1:
             raise ValueError(f"MaskBranch: upsample must be >= 1, got {upsample}")
-        if fine and upsample != 2:
+        if fine and upsample not in (2, 4):
             raise ValueError(
-                f"MaskBranch: fine=True adds a stride-4 map, so upsample must be 2 (stride 8 -> 4),"
-                f" got {upsample}"
+                "MaskBranch: fine=True adds a stride-4 map, so upsample must be 2 (output at "
+                f"stride 4) or 4 (the sum resized to stride 2), got {upsample}"
             )
         self.num_levels = num_levels
         self.upsample = upsample
@@ -241,8 +242,10 @@ class MaskBranch(nn.Module):
             y = refine(f)
             x = x + F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
         x = self.tower(x)  # [B, out_channels, H_3, W_3]
-        if self.upsample > 1:
-            x = F.interpolate(x, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+        # With a stride-4 map, its detail joins at stride 4 and any further resize follows.
+        first = 2 if fine is not None else self.upsample
+        if first > 1:
+            x = F.interpolate(x, scale_factor=first, mode="bilinear", align_corners=False)
         if fine is not None:
             if fine.shape[-2:] != x.shape[-2:]:
                 raise ValueError(
@@ -250,6 +253,10 @@ class MaskBranch(nn.Module):
                     f"P3 is {tuple(x.shape[-2:])}; pad the input to a multiple of 32"
                 )
             x = x + self.fine(fine)  # [B, out_channels, 2 H_3, 2 W_3]
+            if self.upsample > 2:
+                x = F.interpolate(
+                    x, scale_factor=self.upsample // 2, mode="bilinear", align_corners=False
+                )
         return x
 
 
