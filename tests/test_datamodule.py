@@ -80,6 +80,40 @@ def test_shared_augmentation_keeps_boxes_and_masks_consistent(tiny_root: Path, f
             assert dx == pytest.approx(8 * (t - k) * (-1 if flip else 1))
 
 
+def test_crop_takes_one_window_of_both_frames(tiny_root: Path) -> None:
+    """``crop_size``: both frames are the same window of the resized pair (masks, boxes and
+    colours agree with the image, motion kept), drawn from the room the frame leaves."""
+    ds = load_ytvis(tiny_root / "train.json")
+    whole = PairDataset(ds, PairAugmentation((96,), 1000, 0.0), max_gap=4)
+    aug = PairAugmentation((96,), 1000, 0.0, crop_size=(64, 200))
+    cropped = PairDataset(ds, aug, max_gap=4)
+    label_colour = {ds.label(c): COLOURS[c] for c in COLOURS}
+    corners = set()
+    for i in range(len(cropped)):
+        torch.manual_seed(i)
+        item = cropped[i]
+        torch.manual_seed(i)
+        rng = random.Random(int(torch.randint(0, 2**31 - 1, ()).item()))
+        k, t = item["frame_indices"]
+        torch.manual_seed(i)
+        full = whole[i]
+        assert full["frame_indices"] == (k, t)  # the same pair: the crop draws after it
+        for side in ("ref", "tgt"):
+            f = item[side]
+            # 96 x 128 resized: the window is 64 high and as wide as the frame (128 < 200)
+            assert f["image"].shape == (3, 64, 128) and f["masks"].shape[1:] == (64, 128)
+            _check_frame_consistency(f, label_colour)
+        sample_reference(t, ds.video(item["video_id"])["length"], 4, rng)
+        _, _, (fy, _) = aug.sample(rng)
+        y0 = round(fy * (96 - 64))
+        corners.add(y0)
+        for side in ("ref", "tgt"):
+            torch.testing.assert_close(item[side]["image"], full[side]["image"][:, y0 : y0 + 64])
+    assert len(corners) > 1
+    with pytest.raises(ValueError, match="crop_size"):
+        PairAugmentation((96,), 1000, 0.0, crop_size=(0, 10))
+
+
 def test_targets_skip_frames_without_instances(tiny_root: Path) -> None:
     ds = load_ytvis(tiny_root / "train.json")
     pairs = PairDataset(ds, PairAugmentation((48,), 1000, 0.0), max_gap=4)

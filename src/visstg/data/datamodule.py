@@ -83,10 +83,10 @@ class PairDataset(Dataset):
         video_id, t = self.samples[index]
         video = self.ds.video(video_id)
         k = sample_reference(t, video["length"], self.max_gap, rng)
-        short, flip = self.aug.sample(rng)
+        draw = self.aug.sample(rng)
         return {
-            "ref": self._drop_references(self._frame(video, k, short, flip), rng),
-            "tgt": self._frame(video, t, short, flip),
+            "ref": self._drop_references(self._frame(video, k, draw), rng),
+            "tgt": self._frame(video, t, draw),
             "video_id": video_id,
             "frame_indices": (k, t),
         }
@@ -103,7 +103,7 @@ class PairDataset(Dataset):
             )
         return {key: v if key == "image" else v[keep] for key, v in ref.items()}
 
-    def _frame(self, video: dict, frame: int, short: int, flip: bool) -> dict[str, torch.Tensor]:
+    def _frame(self, video: dict, frame: int, draw: tuple) -> dict[str, torch.Tensor]:
         image = self.ds.load_frame(video, frame)
         tracks, masks = self.ds.frame_masks(video, frame)
         if masks.shape[1:] != image.shape[:2]:
@@ -112,8 +112,8 @@ class PairDataset(Dataset):
                 f"{image.shape[0]}x{image.shape[1]} differs from the annotated size "
                 f"{masks.shape[1]}x{masks.shape[2]}"
             )
-        img, m, boxes = self.aug.apply(image, masks, short, flip)
-        keep = m.flatten(1).any(1)  # a tiny instance can vanish when downscaled
+        img, m, boxes = self.aug.apply(image, masks, *draw)
+        keep = m.flatten(1).any(1)  # a tiny instance can vanish when downscaled, or be cropped
         return {
             "image": img,
             "boxes": boxes[keep],
@@ -232,7 +232,8 @@ class VISDataModule(pl.LightningDataModule):
         synthetic: generator arguments; when given and ``root`` has no data, the synthetic
             dataset is generated there first.
         max_gap: reference frame within this many annotated frames of the target.
-        train_sizes, max_size, hflip_prob: the shared pair augmentation.
+        train_sizes, max_size, hflip_prob, crop_size: the shared pair augmentation
+            (:class:`~visstg.data.transforms.PairAugmentation`).
         test_size: shorter side at inference (longer side capped by ``max_size``).
         ref_drop_frame, ref_drop_instance: reference dropout of the training pairs
             (:class:`PairDataset`).
@@ -261,6 +262,7 @@ class VISDataModule(pl.LightningDataModule):
         ref_drop_frame: float = 0.0,
         ref_drop_instance: float = 0.0,
         epoch_pairs: int | None = None,
+        crop_size: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if epoch_pairs is not None and epoch_pairs < 1:
@@ -271,7 +273,9 @@ class VISDataModule(pl.LightningDataModule):
         self.num_classes, self.class_names = num_classes, class_names
         self.synthetic = dict(synthetic) if synthetic else None
         self.max_gap = max_gap
-        self.aug = PairAugmentation(tuple(train_sizes), max_size, hflip_prob)
+        self.aug = PairAugmentation(
+            tuple(train_sizes), max_size, hflip_prob, tuple(crop_size) if crop_size else None
+        )
         self.test_size, self.max_size = test_size, max_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_max_videos = val_max_videos

@@ -1,8 +1,9 @@
 """Image and target transforms shared by training, validation and ``predict``.
 
 Training applies ONE random augmentation to both frames of a (reference, target) pair: a
-multi-scale resize of the shorter side (longer side capped) and a horizontal flip. Boxes are
-recomputed from the transformed masks, so boxes and masks always agree with the image.
+multi-scale resize of the shorter side (longer side capped), a horizontal flip and, with a crop
+size, one random window of the resized frames. Boxes are recomputed from the transformed masks,
+so boxes and masks always agree with the image.
 """
 
 from __future__ import annotations
@@ -100,23 +101,46 @@ class PairAugmentation:
         train_sizes: candidate shorter-side lengths (multi-scale training).
         max_size: cap on the longer side.
         hflip_prob: probability of a horizontal flip.
+        crop_size: ``(h, w)``: after the resize, one random window of at most this size
+            (the same window in both frames, so motion is kept); ``None``: the whole frame.
+            Training at a larger scale than the pixels a step can afford: objects are as
+            large as at a test size of the same scale, at the step cost of the window.
     """
 
     train_sizes: tuple[int, ...] = (160, 176, 192, 208, 224)
     max_size: int = 400
     hflip_prob: float = 0.5
+    crop_size: tuple[int, int] | None = None
 
-    def sample(self, rng: random.Random) -> tuple[int, bool]:
-        return rng.choice(list(self.train_sizes)), rng.random() < self.hflip_prob
+    def __post_init__(self) -> None:
+        if self.crop_size is not None:
+            crop = tuple(int(v) for v in self.crop_size)
+            if len(crop) != 2 or min(crop) < 1:
+                raise ValueError(
+                    f"PairAugmentation: crop_size must be (height, width) >= 1, got {crop}"
+                )
+            self.crop_size = crop
+
+    def sample(self, rng: random.Random) -> tuple[int, bool, tuple[float, float] | None]:
+        """(shorter side, flip, the crop window's corner as fractions of the free room)."""
+        short, flip = rng.choice(list(self.train_sizes)), rng.random() < self.hflip_prob
+        corner = (rng.random(), rng.random()) if self.crop_size is not None else None
+        return short, flip, corner
 
     def apply(
-        self, image: np.ndarray, masks: np.ndarray, short: int, flip: bool
+        self,
+        image: np.ndarray,
+        masks: np.ndarray,
+        short: int,
+        flip: bool,
+        corner: tuple[float, float] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Transform one frame.
 
         Args:
             image: RGB uint8 [H, W, 3].
             masks: uint8 [N, H, W].
+            short, flip, corner: one draw of :meth:`sample`.
         Returns:
             image: normalised float [3, h, w]; masks: bool [N, h, w]; boxes: [N, 4] xyxy.
         """
@@ -125,6 +149,10 @@ class PairAugmentation:
         m = resize_masks(torch.from_numpy(masks), (h, w))
         if flip:
             img, m = img.flip(-1), m.flip(-1)
+        if self.crop_size is not None and corner is not None:
+            ch, cw = min(h, self.crop_size[0]), min(w, self.crop_size[1])
+            y0, x0 = round(corner[0] * (h - ch)), round(corner[1] * (w - cw))
+            img, m = img[:, y0 : y0 + ch, x0 : x0 + cw], m[:, y0 : y0 + ch, x0 : x0 + cw]
         return normalize(img), m, boxes_from_masks(m)
 
 
