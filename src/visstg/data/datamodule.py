@@ -273,9 +273,7 @@ class VISDataModule(pl.LightningDataModule):
         self.num_classes, self.class_names = num_classes, class_names
         self.synthetic = dict(synthetic) if synthetic else None
         self.max_gap = max_gap
-        self.aug = PairAugmentation(
-            tuple(train_sizes), max_size, hflip_prob, tuple(crop_size) if crop_size else None
-        )
+        self.aug = PairAugmentation(tuple(train_sizes), max_size, hflip_prob, crop_size)
         self.test_size, self.max_size = test_size, max_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_max_videos = val_max_videos

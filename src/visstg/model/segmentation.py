@@ -176,8 +176,9 @@ class MaskBranch(nn.Module):
     stride-4 map (``ResNetFPN(fine_level=True)``'s C2 lateral), which goes through one 3x3 conv +
     ReLU (GroupNorm with ``norm``) and a 1x1 conv to ``out_channels``, and is added to the output
     upsampled to stride 4; with ``upsample=4`` that sum is then resized bilinearly to stride 2,
-    where the dynamic head draws the mask from it and relative coordinates of a stride-2 grid. Upsampled stride-8 features can only hold what a stride-8 grid holds: on the synthetic
-    data at the 128-pixel default input, ground-truth masks seen through a stride-8 grid reach
+    where the dynamic head draws the mask from it and relative coordinates of a stride-2 grid.
+    Upsampled stride-8 features can only hold what a stride-8 grid holds: on the synthetic
+    data at the then-default 128-pixel input, ground-truth masks seen through a stride-8 grid reach
     IoU 0.41 for rings and 0.56-0.77 for the other shapes, through a stride-4 grid 0.78-0.90
     (scripts/mask_oracle.py); conf/head/default.yaml has what it changed in training.
 
