@@ -18,6 +18,7 @@ from visstg.model.losses import box_bce_loss, downsample_masks
 from visstg.model.propagation import KernelWarp
 from visstg.model.segmentation import Controller, MaskBranch
 from visstg.model.tracking import EdgeClassifier
+from visstg.model.visstg import _as_ranges
 
 H, W, D, C = 64, 96, 16, 3
 SMALL_RANGES = [(0, 32), (32, 64), (64, 128), (128, 256), (256, math.inf)]
@@ -289,6 +290,21 @@ def test_default_config_builds_the_small_model_and_trains_a_step():
     losses = criterion(net.forward_train(batch), batch)
     losses["loss"].backward()
     assert torch.isfinite(losses["loss"])
+
+
+def test_size_ranges_take_the_yaml_infinity_from_the_command_line():
+    # Hydra hands `.inf` in an override over as a string; YAML files give a float.
+    cfg = compose("train", ["model.size_ranges=[[0,64],[64,128],[128,.inf]]"])
+    assert cfg.model.size_ranges[-1][1] == ".inf"
+    net = hydra.utils.instantiate(cfg.model)
+    assert net.size_ranges == ((0, 64), (64, 128), (128, math.inf))
+    assert _as_ranges([[0, "inf"], ["1e3", "+.inf"]]) == ((0, math.inf), (1000, math.inf))
+    with pytest.raises(ValueError, match=r"model.size_ranges: \['a', 64\] is not"):
+        _as_ranges([["a", 64]])
+    with pytest.raises(ValueError, match="is not a"):
+        _as_ranges([[0, 32, 64]])
+    with pytest.raises(ValueError, match=r"0 <= lo < hi, got \[64.0, 32.0\]"):
+        _as_ranges([[64, 32]])
 
 
 def r50_config():

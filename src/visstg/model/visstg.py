@@ -53,8 +53,27 @@ ASSOCIATIONS = ("edge", "embedding", "offset")
 MASK_COMBINES = ("mean", "target", "warp")
 
 
+def _size_bound(value: float | str) -> float:
+    # YAML spells infinity `.inf`; a command-line override hands that over as the string ".inf".
+    text = str(value).strip().lower()
+    return float(text.replace(".inf", "inf")) if text.endswith(".inf") else float(value)
+
+
 def _as_ranges(size_ranges: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:
-    return tuple((float(lo), float(hi)) for lo, hi in size_ranges)
+    """``[[lo, hi], ...]`` as floats; ``.inf`` / ``inf`` for an open upper end."""
+    ranges = []
+    for pair in size_ranges:
+        try:
+            lo, hi = (_size_bound(v) for v in pair)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"model.size_ranges: {list(pair)!r} is not a [lo, hi] pair of numbers "
+                "(write inf or .inf for an open end)"
+            ) from None
+        if not 0 <= lo < hi:
+            raise ValueError(f"model.size_ranges: need 0 <= lo < hi, got [{lo}, {hi}]")
+        ranges.append((lo, hi))
+    return tuple(ranges)
 
 
 class VisSTG(nn.Module):
