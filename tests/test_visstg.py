@@ -283,7 +283,7 @@ def test_default_config_builds_the_small_model_and_trains_a_step():
     assert isinstance(net, VisSTG) and len(net.gnn.layers) == 2
     # The CPU default: ResNet-10 with P3-P5 (conf/backbone/resnet10.yaml).
     assert net.backbone.depth == 10 and net.num_classes == cfg.data.num_classes
-    assert len(net.strides) == 3 and net.size_ranges[-1] == (64.0, math.inf)
+    assert len(net.strides) == 3 and net.size_ranges == ((0, 64), (64, 128), (128, math.inf))
     batch = pair_batch()
     for t in batch["ref_targets"] + batch["tgt_targets"]:
         t["labels"] = t["labels"] % net.num_classes
