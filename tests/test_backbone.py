@@ -18,6 +18,41 @@ def test_pyramid_shapes_and_strides(depth):
         assert f.shape == (1, 32, -(-64 // s), -(-96 // s))
 
 
+@pytest.mark.parametrize("depth", [10, 50])
+def test_a_narrow_resnet_halves_every_stage(depth):
+    narrow = ResNetFPN(depth=depth, out_channels=16, width=32, num_levels=3, fine_level=True)
+    body = narrow.fpn.body
+    expansion = 4 if depth == 50 else 1
+    assert body.conv1.out_channels == body.bn1.weight.numel() == 32
+    layers = [getattr(body, f"layer{i}") for i in range(1, 5)]
+    assert [layer[0].conv1.out_channels for layer in layers] == [32, 64, 128, 256]
+    lateral_in = [m[0].in_channels for m in narrow.fpn.fpn.inner_blocks]
+    assert lateral_in == [c * expansion for c in (64, 128, 256)]  # C3, C4, C5
+    assert narrow.fine_lateral.in_channels == 32 * expansion  # C2
+    with torch.no_grad():
+        feats = narrow(torch.randn(2, 3, 64, 96))
+    assert [tuple(f.shape) for f in feats] == [
+        (2, 16, 16, 24),
+        (2, 16, 8, 12),
+        (2, 16, 4, 6),
+        (2, 16, 2, 3),
+    ]
+
+    # a quarter of the stage parameters of the 64-wide network: convs scale with width squared
+    def stage_params(net):
+        return sum(p.numel() for n, p in net.named_parameters() if n.startswith("fpn.body.layer"))
+
+    wide = ResNetFPN(depth=depth, out_channels=16, num_levels=3)
+    assert stage_params(narrow) == pytest.approx(stage_params(wide) / 4, rel=0.01)
+
+
+def test_a_narrow_resnet_refuses_pretrained_weights_and_odd_widths():
+    with pytest.raises(ValueError, match="width=32 needs model.backbone.weights=null"):
+        ResNetFPN(depth=18, width=32, weights="imagenet")
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ResNetFPN(depth=18, width=20)
+
+
 def test_frozen_batchnorm_and_trainable_layers():
     net = ResNetFPN(depth=18, weights=None, trainable_layers=3)
     body = net.fpn.body

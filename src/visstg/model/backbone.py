@@ -28,6 +28,33 @@ def _resnet10(weights=None, **kwargs) -> resnet.ResNet:
     return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
 
 
+# Block type and blocks per stage of each depth, as torchvision's builders use them.
+_STAGES = {
+    10: (resnet.BasicBlock, [1, 1, 1, 1]),
+    18: (resnet.BasicBlock, [2, 2, 2, 2]),
+    34: (resnet.BasicBlock, [3, 4, 6, 3]),
+    50: (resnet.Bottleneck, [3, 4, 6, 3]),
+    101: (resnet.Bottleneck, [3, 4, 23, 3]),
+}
+
+
+class _WideResNet(resnet.ResNet):
+    """torchvision's ResNet with the stem and every stage ``width / 64`` times as wide
+    (torchvision fixes them at 64-128-256-512 channels; BasicBlock refuses ``width_per_group``)."""
+
+    def __init__(self, block, layers: list[int], width: int, **kwargs) -> None:
+        self._width = width
+        super().__init__(block, layers, **kwargs)
+
+    def _make_layer(self, block, planes, blocks, stride=1, dilate=False):
+        if planes == 64:  # layer1, built right after the 64-channel stem: make the stem narrow too
+            self.conv1 = nn.Conv2d(3, self._width, 7, stride=2, padding=3, bias=False)
+            self.bn1 = self._norm_layer(self._width)
+            self.inplanes = self._width
+        # ResNet.__init__ initialises every conv and norm after the last stage, these included
+        return super()._make_layer(block, planes * self._width // 64, blocks, stride, dilate)
+
+
 _RESNETS = {
     10: (_resnet10, None),
     18: (resnet.resnet18, resnet.ResNet18_Weights.IMAGENET1K_V1),
@@ -107,6 +134,9 @@ class ResNetFPN(nn.Module):
     Args:
         depth: 10 (ResNet-18 with one block per stage, no ImageNet weights), 18, 34, 50 or
             101.
+        width: channels of the stem and the first stage (torchvision's ResNets: 64); every stage
+            doubles it (64-128-256-512 at 64). Another width has no ImageNet weights: 32 quarters
+            the cost of every convolution after the stem, for small from-scratch runs.
         out_channels: channels of every pyramid level (the paper's D = 256).
         weights: ``None`` (random init), ``"imagenet"`` (torchvision's IMAGENET1K_V1, downloaded
             when online) or the path of a torchvision-format ResNet state dict (``fc.*`` ignored).
@@ -146,6 +176,7 @@ class ResNetFPN(nn.Module):
         autocast: str | None = None,
         channels_last: bool = False,
         fine_level: bool = False,
+        width: int = 64,
     ) -> None:
         super().__init__()
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
@@ -163,10 +194,21 @@ class ResNetFPN(nn.Module):
             raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
         if not 0 <= trainable_layers <= 5:
             raise ValueError(f"trainable_layers must be in [0, 5], got {trainable_layers}")
+        if width < 1 or width % 8:
+            raise ValueError(f"width must be a positive multiple of 8, got {width}")
+        if width != 64 and weights is not None:
+            raise ValueError(
+                f"pretrained ResNet weights are 64 channels wide; width={width} needs "
+                "model.backbone.weights=null"
+            )
         self.depth = depth
         self.out_channels = out_channels
 
-        body = _RESNETS[depth][0](weights=None, norm_layer=_NORMS[norm])
+        if width == 64:
+            body = _RESNETS[depth][0](weights=None, norm_layer=_NORMS[norm])
+        else:
+            block, stages = _STAGES[depth]
+            body = _WideResNet(block, stages, width, norm_layer=_NORMS[norm])
         if weights is not None:
             if str(weights).lower() == "imagenet":
                 state, source = _download_imagenet_state_dict(depth), f"ImageNet resnet{depth}"
@@ -182,7 +224,8 @@ class ResNetFPN(nn.Module):
             if not any(name.startswith(prefix) for prefix in trainable):
                 param.requires_grad_(False)
 
-        c3 = 128 * type(body.layer2[-1]).expansion  # 128 (BasicBlock) or 512 (Bottleneck)
+        # 128 (BasicBlock) or 512 (Bottleneck) at width 64
+        c3 = 2 * width * type(body.layer2[-1]).expansion
         in_channels = [c3, c3 * 2, c3 * 4]  # C3, C4, C5
         self.fine_level = fine_level
         # C2 -> out_channels (fine_level): one 1x1 conv, as an FPN lateral.
