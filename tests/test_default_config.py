@@ -29,9 +29,10 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     }  # fmt: skip
     assert cfg["data"]["epoch_pairs"] == 920
     # Training reads 128x224 windows of frames resized to 144-176 (conf/data/synthetic.yaml),
-    # tested at 160, for 12 epochs.
+    # tested at 160, for 15 epochs of a half-width ResNet-10 (conf/backbone/resnet10.yaml).
     assert cfg["data"]["crop_size"] == [128, 224] and cfg["data"]["test_size"] == 160
-    assert cfg["data"]["train_sizes"] == [144, 160, 176] and cfg["trainer"]["max_epochs"] == 12
+    assert cfg["data"]["train_sizes"] == [144, 160, 176] and cfg["trainer"]["max_epochs"] == 15
+    assert model["backbone"]["width"] == 32
     # The synthetic default trains detection on the reference frame too, runs the backbone
     # in bf16 (float32 maps out) and associates across classes.
     assert model["ref_detection"] and model["backbone"]["autocast"] == "bf16"
@@ -72,6 +73,7 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert cfg["optimizer"]["lr"] == 0.01 and cfg["optimizer"]["reference_batch_size"] == 16
     assert cfg["scheduler"]["milestones"] == [16, 22] and cfg["trainer"]["max_epochs"] == 24
     assert model["backbone"]["depth"] == 50 and model["backbone"].get("num_levels", 5) == 5
+    assert model["backbone"]["width"] == 64  # torchvision's, so ImageNet weights load
     assert model["strides"] == [8, 16, 32, 64, 128] and model["dim"] == 256
     assert model["gnn"]["iterations"] == 3
     assert cfg["data"]["crop_size"] is None  # whole frames, the paper's multi-scale training
