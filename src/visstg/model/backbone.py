@@ -19,15 +19,6 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelP6P7
 
-
-def _resnet10(weights=None, **kwargs) -> resnet.ResNet:
-    """ResNet-10: ResNet-18's stages with one BasicBlock each (half its FLOPs). No published
-    ImageNet weights; meant for small from-scratch runs (the synthetic default on 2 CPU cores)."""
-    if weights is not None:
-        raise ValueError("resnet10 has no pretrained weights")
-    return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], **kwargs)
-
-
 # Block type and blocks per stage of each depth, as torchvision's builders use them.
 _STAGES = {
     10: (resnet.BasicBlock, [1, 1, 1, 1]),
@@ -36,6 +27,14 @@ _STAGES = {
     50: (resnet.Bottleneck, [3, 4, 6, 3]),
     101: (resnet.Bottleneck, [3, 4, 23, 3]),
 }
+
+
+def _resnet10(weights=None, **kwargs) -> resnet.ResNet:
+    """ResNet-10: ResNet-18's stages with one BasicBlock each (half its FLOPs). No published
+    ImageNet weights; meant for small from-scratch runs (the synthetic default on 2 CPU cores)."""
+    if weights is not None:
+        raise ValueError("resnet10 has no pretrained weights")
+    return resnet.ResNet(*_STAGES[10], **kwargs)
 
 
 class _WideResNet(resnet.ResNet):
@@ -204,7 +203,7 @@ class ResNetFPN(nn.Module):
         self.depth = depth
         self.out_channels = out_channels
 
-        if width == 64:
+        if width == 64:  # torchvision's builders: the same random init for a seed as before
             body = _RESNETS[depth][0](weights=None, norm_layer=_NORMS[norm])
         else:
             block, stages = _STAGES[depth]
