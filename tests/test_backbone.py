@@ -177,3 +177,44 @@ def test_fine_level_prepends_the_c2_lateral_and_leaves_the_pyramid_as_it_was(dep
     torch.testing.assert_close(fine, net.fine_lateral(c2_map))
     for e, g in zip(expected, levels):
         torch.testing.assert_close(g, e)
+
+
+def _randomise_norms(net):
+    """Norm statistics and affines away from the identity map, so a wrong fold shows."""
+    gen = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen))
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=gen))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"depth": 50},
+        {"depth": 10, "width": 32, "num_levels": 3, "fine_level": True},
+        {"depth": 18, "norm": "bn"},
+    ],
+)
+def test_fuse_norms_keeps_the_outputs_and_removes_every_norm(kwargs):
+    net = ResNetFPN(out_channels=32, **kwargs).eval()
+    _randomise_norms(net)
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        expected = net(x)
+        fused = net.fuse_norms()
+        got = fused(x)
+    assert fused is net
+    norms = (FrozenBatchNorm2d, torch.nn.BatchNorm2d)
+    assert not any(isinstance(m, norms) for m in net.fpn.body.modules())
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4 * e.abs().max().item())
+    with torch.no_grad():  # a second call has nothing left to fold
+        torch.testing.assert_close(net.fuse_norms()(x)[0], got[0])
+
+
+def test_fuse_norms_refuses_a_network_in_training_mode():
+    with pytest.raises(RuntimeError, match="eval"):
+        ResNetFPN(depth=10, out_channels=16).fuse_norms()

@@ -46,6 +46,7 @@ def test_benchmark_command_writes_the_report(tmp_path: Path) -> None:
     assert report["total_ms"] > 0 and report["fps"] > 0
     assert report["input_size"] == [64, 96] and report["device"].startswith("cpu")
     assert report["config"]["model"]["dim"] == 32
+    assert report["config"]["fuse_norms"] is True  # the backbone as `predict` runs it
     assert [r["references"] for r in report["graph_table"]] == [1, 4]
     assert set(report["worst_case"]["stages_ms"]) == set(STAGES)
     # Operation counts of one tracked frame per stage, beside the times.

@@ -65,6 +65,8 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     video = open_video(cfg.input, fps=cfg.fps)
     device = resolve_device(cfg.device)
     model = load_checkpoint(cfg.ckpt_path, device)
+    if cfg.fuse_norms:
+        model.net.backbone.fuse_norms()
     data_cfg = model.config.get("data", {})
     test_size = cfg.test_size or data_cfg.get("test_size", 360)
     max_size = cfg.max_size or data_cfg.get("max_size", 1333)
