@@ -64,23 +64,94 @@ def cell_mask(cells: Tensor, shape: tuple[int, int]) -> Tensor:
     return mask
 
 
-def _conv_at(conv: nn.Conv2d, x: Tensor, cells: Tensor) -> Tensor:
+class _Cells:
+    """A feature map known on some cells only.
+
+    ``padded [n + 1, C]``: row ``i < n`` holds cell ``flat[i]`` of the ``H x W`` grid
+    (``flat = y * W + x``), row ``n`` is zero (the conv's zero padding, and cells never read);
+    ``lookup [H * W]`` maps a cell to its row (``n`` where unknown)."""
+
+    def __init__(self, padded: Tensor, lookup: Tensor) -> None:
+        self.padded, self.lookup = padded, lookup
+
+    @classmethod
+    def from_rows(cls, rows: Tensor, flat: Tensor, hw: int) -> _Cells:
+        n = rows.shape[0]
+        lookup = torch.full((hw,), n, dtype=torch.long, device=rows.device)
+        lookup[flat] = torch.arange(n, device=rows.device)
+        return cls(torch.cat([rows, rows.new_zeros(1, rows.shape[1])]), lookup)
+
+    def relu(self) -> _Cells:
+        return _Cells(torch.relu(self.padded), self.lookup)
+
+    def at(self, flat: Tensor) -> Tensor:
+        """Rows of the cells ``flat`` (zero where unknown)."""
+        return self.padded[self.lookup[flat]]
+
+    def dense(self, h: int, w: int) -> Tensor:
+        """``[C, H, W]``: the known cells, zero elsewhere."""
+        return self.padded[self.lookup].t().reshape(-1, h, w)
+
+
+def _taps(cells: Tensor, k: int, h: int, w: int) -> tuple[Tensor, Tensor]:
+    """Flat indices ``[n, k * k]`` of the ``k x k`` window around each cell (row-major, as
+    ``Conv2d.weight``'s last two dims) and whether each lies inside the map."""
+    r = torch.arange(k, device=cells.device) - k // 2
+    ys = (cells[:, 0, None, None] + r[None, :, None]).expand(-1, k, k)  # [n, k, k]
+    xs = (cells[:, 1, None, None] + r[None, None, :]).expand(-1, k, k)
+    inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+    return (ys * w + xs).reshape(cells.shape[0], -1), inside.reshape(cells.shape[0], -1)
+
+
+def _conv_at(conv: nn.Conv2d, act: Tensor | _Cells, cells: Tensor, h: int, w: int) -> Tensor:
     """``conv(x[None])[0][:, y, x]`` at ``cells [n, 2]`` as ``[n, C_out]`` (im2col + matmul).
 
-    ``x``: ``[C, H, W]``; it must hold the right values on every cell within ``k // 2`` of the
-    requested ones (the other cells are never read)."""
-    k, p = conv.kernel_size[0], conv.padding[0]
-    xp = F.pad(x, (p, p, p, p))  # [C, H+2p, W+2p]: the conv's zero padding
-    taps = torch.arange(k, device=x.device)
-    ys = cells[:, 0, None, None] + taps[None, :, None]  # [n, k, 1] rows in padded coordinates
-    xs = cells[:, 1, None, None] + taps[None, None, :]  # [n, 1, k]
-    patches = xp[:, ys, xs]  # [C, n, k, k]
-    patches = patches.permute(1, 0, 2, 3).reshape(cells.shape[0], -1)  # [n, C*k*k]
-    weight = conv.weight.reshape(conv.out_channels, -1).to(x.dtype)  # [C_out, C*k*k]
-    out = patches @ weight.t()  # [n, C_out]
-    if conv.bias is not None:
-        out = out + conv.bias.to(out.dtype)
-    return out
+    ``act`` is the input map, dense ``[C, H, W]`` or a :class:`_Cells`; it must hold the right
+    values on every cell within ``k // 2`` of the requested ones (no other cell is read)."""
+    k, n = conv.kernel_size[0], cells.shape[0]
+    flat, inside = _taps(cells, k, h, w)  # [n, k*k]
+    if isinstance(act, _Cells):
+        rows = act.lookup[flat.clamp(0, h * w - 1)].masked_fill(~inside, act.padded.shape[0] - 1)
+        patches = act.padded[rows]  # [n, k*k, C]
+        patches = patches.transpose(1, 2).reshape(n, -1)  # [n, C*k*k]
+    else:
+        c = act.shape[0]
+        patches = act.reshape(c, h * w)[:, flat.clamp(0, h * w - 1)]  # [C, n, k*k]
+        patches = (patches * inside.to(patches.dtype)).transpose(0, 1).reshape(n, -1)
+    weight = conv.weight.reshape(conv.out_channels, -1).to(patches.dtype)  # [C_out, C*k*k]
+    if conv.bias is None:
+        return patches @ weight.t()  # [n, C_out]
+    return torch.addmm(conv.bias.to(patches.dtype), patches, weight.t())
+
+
+def _run_on_cells(
+    layers: Sequence[nn.Module], x: Tensor, mask: Tensor, dense_fraction: float
+) -> Tensor | _Cells:
+    """The tower's output, right on ``mask``: a dense ``[C_out, H, W]`` map or a
+    :class:`_Cells` holding the cells of ``mask``."""
+    h, w = x.shape[-2:]
+    # needed[i]: cells where layer i's output is read (walk back from the requested cells).
+    needed = [mask]
+    for layer in reversed(layers[1:]):
+        m = needed[0]
+        if isinstance(layer, nn.Conv2d) and layer.kernel_size[0] > 1:
+            k = layer.kernel_size[0]
+            m = F.max_pool2d(m[None, None].float(), k, stride=1, padding=k // 2)[0, 0] > 0
+        needed.insert(0, m)
+    act: Tensor | _Cells = x[0]  # [C, H, W]
+    for layer, m in zip(layers, needed):
+        if not isinstance(layer, nn.Conv2d):
+            if isinstance(layer, nn.ReLU):  # never in place on x
+                act = act.relu() if isinstance(act, _Cells) else torch.relu(act)
+            continue
+        cells = m.nonzero()  # [n, 2] (y, x)
+        if cells.shape[0] > dense_fraction * h * w:
+            dense = act.dense(h, w) if isinstance(act, _Cells) else act
+            act = layer(dense[None])[0]  # [C_out, H, W]
+            continue
+        flat = cells[:, 0] * w + cells[:, 1]
+        act = _Cells.from_rows(_conv_at(layer, act, cells, h, w), flat, h * w)
+    return act
 
 
 def tower_on_mask(
@@ -97,28 +168,9 @@ def tower_on_mask(
         ``[1, C_out, H, W]``: equal to ``tower(x)`` on ``mask`` (up to float summation order),
         arbitrary (zero) elsewhere.
     """
+    act = _run_on_cells(layers, x, mask, dense_fraction)
     h, w = x.shape[-2:]
-    # needed[i]: cells where layer i's output is read (walk back from the requested cells).
-    needed = [mask]
-    for layer in reversed(layers[1:]):
-        m = needed[0]
-        if isinstance(layer, nn.Conv2d) and layer.kernel_size[0] > 1:
-            k = layer.kernel_size[0]
-            m = F.max_pool2d(m[None, None].float(), k, stride=1, padding=k // 2)[0, 0] > 0
-        needed.insert(0, m)
-    act = x[0]  # [C, H, W]
-    for layer, m in zip(layers, needed):
-        if not isinstance(layer, nn.Conv2d):
-            act = torch.relu(act) if isinstance(layer, nn.ReLU) else act  # never in place on x
-            continue
-        cells = m.nonzero()  # [n, 2] (y, x)
-        if cells.shape[0] > dense_fraction * h * w:
-            act = layer(act[None])[0]  # [C_out, H, W]
-            continue
-        out = act.new_zeros(layer.out_channels, h, w)
-        out[:, cells[:, 0], cells[:, 1]] = _conv_at(layer, act, cells).t().to(out.dtype)
-        act = out  # [C_out, H, W], valid on the cells of m
-    return act[None]
+    return (act.dense(h, w) if isinstance(act, _Cells) else act)[None]
 
 
 def tower_at_cells(
@@ -134,12 +186,14 @@ def tower_at_cells(
         out = x
         for m in modules:
             out = m(out)
-    elif cells.shape[0] == 0:
+        return out[0, :, cells[:, 0], cells[:, 1]].t()  # [N, C_out]
+    if cells.shape[0] == 0:
         c_out = [m for m in layers if isinstance(m, nn.Conv2d)][-1].out_channels
         return x.new_zeros(0, c_out)
-    else:
-        out = tower_on_mask(layers, x, cell_mask(cells, tuple(x.shape[-2:])), dense_fraction)
-    return out[0, :, cells[:, 0], cells[:, 1]].t()  # [N, C_out]
+    act = _run_on_cells(layers, x, cell_mask(cells, tuple(x.shape[-2:])), dense_fraction)
+    if isinstance(act, _Cells):
+        return act.at(cells[:, 0] * x.shape[-1] + cells[:, 1])  # [N, C_out]
+    return act[:, cells[:, 0], cells[:, 1]].t()
 
 
 def tower_at_levels(
