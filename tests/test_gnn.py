@@ -33,11 +33,14 @@ def random_bipartite(num_src=4, num_dst=7, num_edges=12, seed=0):
     return x_src, x_dst, edge_index, torch.randn(num_edges, D, generator=g)
 
 
+# Node sets smaller than the edge set (each endpoint's first-layer block is applied per node)
+# and larger (per edge), and one of each.
+@pytest.mark.parametrize("num_src, num_dst", [(4, 7), (20, 30), (4, 30)])
 @torch.no_grad()
-def test_matches_naive_per_edge_bipartite():
+def test_matches_naive_per_edge_bipartite(num_src, num_dst):
     torch.manual_seed(0)
     conv = EdgeNodeConv(D, hidden=10).eval()
-    x_src, x_dst, edge_index, e = random_bipartite()
+    x_src, x_dst, edge_index, e = random_bipartite(num_src, num_dst)
     (out_src, out_dst), out_e = conv((x_src, x_dst), edge_index, e)
     ref_src, ref_dst, ref_e = naive_edge_node_conv(conv, x_src, x_dst, edge_index, e)
     assert torch.allclose(out_e, ref_e, atol=1e-5)
