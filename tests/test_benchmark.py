@@ -30,6 +30,24 @@ TINY = [
 ]
 
 
+def test_bench_heads_script_reports_every_part_against_the_folded_backbone(tmp_path: Path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_heads.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--size", "128", "192", "--repeats", "1", "model.dim=16"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = {line[:42].strip(): line[42:].split() for line in proc.stdout.splitlines()}
+    assert lines["backbone + FPN, norms folded"][-1] == "100.0%"
+    for part in ("heatmap branch (dense at inference)", "mask branch (dense at inference)"):
+        ms, gmac, _ = lines[part]
+        assert float(ms) > 0 and float(gmac) > 0, part
+    assert "dense heads (heatmap + mask branch) / folded backbone:" in proc.stdout
+
+
 def test_benchmark_command_writes_the_report(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
