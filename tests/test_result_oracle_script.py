@@ -1,0 +1,76 @@
+"""scripts/result_oracle.py: AP with the ground truth's masks or classes put in."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import box_mask, rle
+
+
+@pytest.fixture(scope="module")
+def result_oracle(load_script):
+    return load_script("result_oracle")
+
+
+def _video(gt_boxes, n_frames=3):
+    return [rle(box_mask(*b)) for b in gt_boxes[:n_frames]]
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Two objects of two classes; one track a frame-shrunk copy of each, with swapped
+    classes, plus a track on nothing."""
+    boxes = {1: [(2, 2, 22, 22)] * 3, 2: [(30, 10, 60, 40)] * 3}
+    shrunk = {1: [(4, 4, 20, 20)] * 3, 2: [(33, 13, 57, 37)] * 3}  # IoU 0.64 / 0.64
+    gt = {
+        "videos": [{"id": 1, "height": 48, "width": 64, "length": 3}],
+        "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+        "annotations": [
+            {"id": k, "video_id": 1, "category_id": k, "segmentations": _video(boxes[k])}
+            for k in (1, 2)
+        ],
+    }
+    results = [
+        {"video_id": 1, "category_id": 3 - k, "score": 0.9 - 0.1 * k,
+         "segmentations": _video(shrunk[k])}
+        for k in (1, 2)
+    ] + [{"video_id": 1, "category_id": 1, "score": 0.5,
+          "segmentations": [rle(np.zeros((48, 64), np.uint8))] * 3}]  # fmt: skip
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "res.json").write_text(json.dumps(results))
+    return tmp_path / "gt.json", tmp_path / "res.json"
+
+
+def _table(out):
+    rows = {}
+    for line in out.splitlines():
+        for name in ("as is", "GT masks", "GT classes", "both"):
+            if line.startswith(name):
+                rows[name] = [float(v) for v in line[len(name) :].split()]
+    return rows
+
+
+def test_each_oracle_fixes_only_its_own_error(files, capsys, result_oracle):
+    assert result_oracle.main([str(p) for p in files]) == 0
+    out = capsys.readouterr().out
+    assert "3 tracks, 2 on an object, 2 objects" in out
+    rows = _table(out)  # AP, AP50, AP75, AR1, AR10
+    assert rows["as is"][0] == 0.0  # every class wrong
+    assert rows["GT masks"][0] == 0.0  # right masks, still the wrong classes
+    # right classes, masks of IoU 0.64: found at IoU 0.5-0.6, missed from 0.65 on
+    assert rows["GT classes"][1] == pytest.approx(1.0) and rows["GT classes"][2] == 0.0
+    assert rows["both"][0] == pytest.approx(1.0)
+
+
+def test_a_higher_iou_leaves_the_masks_alone(files, capsys, result_oracle):
+    assert result_oracle.main([*map(str, files), "--iou", "0.7"]) == 0
+    rows = _table(capsys.readouterr().out)
+    assert rows["both"] == rows["GT classes"]
+
+
+def test_bad_results_name_the_file(files, tmp_path, capsys, result_oracle):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"not": "a list"}')
+    assert result_oracle.main([str(files[0]), str(bad)]) == 2
+    assert str(bad) in capsys.readouterr().err
