@@ -51,10 +51,10 @@ def pair_tracks(gt: dict, results: list[dict]) -> list[dict | None]:
     pairs = []
     for r in results:
         best, best_iou = None, 0.0
+        area = sum(map(_area, r["segmentations"]))
         for a in objects.get(r["video_id"], []):
             inter = sum(map(_intersection, r["segmentations"], a["segmentations"]))
-            union = sum(map(_area, r["segmentations"])) + sum(map(_area, a["segmentations"]))
-            union -= inter
+            union = area + sum(map(_area, a["segmentations"])) - inter
             if union and inter / union > best_iou:
                 best, best_iou = a, inter / union
         pairs.append(best)

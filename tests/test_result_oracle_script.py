@@ -13,8 +13,8 @@ def result_oracle(load_script):
     return load_script("result_oracle")
 
 
-def _video(gt_boxes, n_frames=3):
-    return [rle(box_mask(*b)) for b in gt_boxes[:n_frames]]
+def _video(boxes):
+    return [rle(box_mask(*b)) for b in boxes]
 
 
 @pytest.fixture
