@@ -78,6 +78,9 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert model["gnn"]["iterations"] == 3
     assert cfg["data"]["crop_size"] is None  # whole frames, the paper's multi-scale training
     assert not (model["det_head"]["norm"] or model["controller"]["norm"])
+    # CenterNet's head on ResNet backbones: 64 wide (its head_conv), over the 256-channel maps.
+    assert model["det_head"]["feat_channels"] == 64 and model["det_head"]["in_channels"] == 256
+    assert model["det_head"]["num_convs"] == 3
     assert not model["mask_branch"]["norm"]
     assert cfg["trainer"]["gradient_clip_val"] is None
     # The paper's training and decoding: no reference-frame detection loss, full precision
