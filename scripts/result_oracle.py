@@ -8,7 +8,9 @@ highest video-level mask IoU (any class). The results are then scored four ways:
   the mask is replaced by the object's (a perfect mask head behind the same detections and
   tracks; frames below the threshold, and tracks on no object, stay as they are);
 - ``GT classes``: each paired track takes its object's category (a perfect classifier);
-- ``both``.
+- ``both``;
+- ``IoU scores``: each track's score replaced by its video-level IoU with its object (0 where
+  its class is wrong or it is on no object), the best ranking its masks and classes allow.
 
 The gap between ``both`` and 1.0 is what detection coverage and tracking (missed frames, late
 starts, identity switches, duplicate tracks) cost.
@@ -24,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-ROWS = ("as is", "GT masks", "GT classes", "both")
+ROWS = ("as is", "GT masks", "GT classes", "both", "IoU scores")
 STATS = ("AP", "AP50", "AP75", "AR1", "AR10")
 
 
@@ -42,9 +44,9 @@ def _intersection(a, b) -> int:
     return int(mask_utils.area(mask_utils.merge([a, b], intersect=True)))
 
 
-def pair_tracks(gt: dict, results: list[dict]) -> list[dict | None]:
+def pair_tracks(gt: dict, results: list[dict]) -> list[tuple[dict | None, float]]:
     """For each result, the annotation of its video it overlaps most (video-level mask IoU,
-    any class), or None where it overlaps none."""
+    any class) and that IoU, or ``(None, 0.0)`` where it overlaps none."""
     objects: dict[int, list[dict]] = {}
     for a in gt["annotations"]:
         objects.setdefault(a["video_id"], []).append(a)
@@ -57,16 +59,16 @@ def pair_tracks(gt: dict, results: list[dict]) -> list[dict | None]:
             union = area + sum(map(_area, a["segmentations"])) - inter
             if union and inter / union > best_iou:
                 best, best_iou = a, inter / union
-        pairs.append(best)
+        pairs.append((best, best_iou))
     return pairs
 
 
 def oracle(
-    results: list[dict], pairs: list[dict | None], masks: bool, classes: bool, iou: float = 0.5
+    results: list[dict], objects: list[dict | None], masks: bool, classes: bool, iou: float = 0.5
 ) -> list[dict]:
     """New results with the paired objects' masks (frames of IoU >= ``iou``) and/or classes."""
     out = []
-    for r, a in zip(results, pairs):
+    for r, a in zip(results, objects):
         r = dict(r)
         if a is not None and classes:
             r["category_id"] = a["category_id"]
@@ -80,6 +82,14 @@ def oracle(
             r["segmentations"] = segs
         out.append(r)
     return out
+
+
+def iou_scores(results: list[dict], pairs: list[tuple[dict | None, float]]) -> list[dict]:
+    """The results scored by their video IoU with their object (0 where the class is wrong)."""
+    return [
+        {**r, "score": v if a is not None and a["category_id"] == r["category_id"] else 0.0}
+        for r, (a, v) in zip(results, pairs)
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,12 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     pairs = pair_tracks(gt, results)
-    paired = sum(a is not None for a in pairs)
+    objects = [a for a, _ in pairs]
+    paired = sum(a is not None for a in objects)
     print(f"{args.results}: {len(results)} tracks, {paired} on an object, "
           f"{len(gt['annotations'])} objects")  # fmt: skip
     print(f"{'':12s}" + "".join(f"{s:>7s}" for s in STATS))
-    for row, (m, c) in zip(ROWS, ((False, False), (True, False), (False, True), (True, True))):
-        metrics = evaluate(gt, oracle(results, pairs, m, c, args.iou))
+    flags = ((False, False), (True, False), (False, True), (True, True))  # masks, classes
+    variants = [oracle(results, objects, m, c, args.iou) for m, c in flags]
+    variants.append(iou_scores(results, pairs))
+    for row, variant in zip(ROWS, variants):
+        metrics = evaluate(gt, variant)
         print(f"{row:12s}" + "".join(f"{metrics[s]:7.3f}" for s in STATS))
     return 0
 

@@ -45,7 +45,7 @@ def files(tmp_path):
 def _table(out):
     rows = {}
     for line in out.splitlines():
-        for name in ("as is", "GT masks", "GT classes", "both"):
+        for name in ("as is", "GT masks", "GT classes", "both", "IoU scores"):
             if line.startswith(name):
                 rows[name] = [float(v) for v in line[len(name) :].split()]
     return rows
@@ -61,6 +61,24 @@ def test_each_oracle_fixes_only_its_own_error(files, capsys, result_oracle):
     # right classes, masks of IoU 0.64: found at IoU 0.5-0.6, missed from 0.65 on
     assert rows["GT classes"][1] == pytest.approx(1.0) and rows["GT classes"][2] == 0.0
     assert rows["both"][0] == pytest.approx(1.0)
+    assert rows["IoU scores"] == rows["as is"]  # a wrong class scores 0: nothing to rank
+
+
+def test_iou_scores_rank_a_confident_false_track_last(files, tmp_path, capsys, result_oracle):
+    """Right classes, but the track on nothing outscores the one on object 1."""
+    results = json.loads(files[1].read_text())
+    for r, (category, score) in zip(results, ((1, 0.5), (2, 0.8), (1, 0.9))):
+        r["category_id"], r["score"] = category, score
+    ranked = tmp_path / "ranked.json"
+    ranked.write_text(json.dumps(results))
+    assert result_oracle.main([str(files[0]), str(ranked)]) == 0
+    rows = _table(capsys.readouterr().out)
+    # AP50: class a finds its object second (precision 0.5 at full recall), class b first.
+    assert rows["as is"][1] == pytest.approx(0.75, abs=0.01)
+    assert rows["IoU scores"][1] == pytest.approx(1.0)
+    # AR1 reads each video's top track per class, which is now the true one; AR10 reads all.
+    assert rows["IoU scores"][3] > rows["as is"][3]
+    assert rows["IoU scores"][4] == rows["as is"][4]
 
 
 def test_a_higher_iou_leaves_the_masks_alone(files, capsys, result_oracle):
