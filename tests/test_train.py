@@ -112,6 +112,47 @@ def test_killed_run_resumes_to_the_same_step_count(tmp_path: Path) -> None:
     assert resumed == expected
 
 
+def test_resume_checkpoint_of_another_model_is_refused_with_the_cause(tmp_path: Path) -> None:
+    import torch
+    from torch import nn
+
+    from visstg.inference import CheckpointError
+    from visstg.train import check_resume_checkpoint
+
+    net = nn.Linear(2, 3)
+    path = tmp_path / "last.ckpt"
+    stored = {"dim": 4, "gnn": {"iterations": 1}, "topk": 100}
+    state = {"net.weight": torch.zeros(4, 2), "net.bias": torch.zeros(4)}
+    torch.save({"state_dict": state, "visstg_config": {"model": stored}}, path)
+    run = {"dim": 3, "gnn": {"iterations": 1}, "topk": 100}
+    with pytest.raises(CheckpointError) as err:
+        check_resume_checkpoint(str(path), net, run)
+    message = str(err.value)
+    assert message.startswith(f"{path}: cannot resume")
+    assert "weight: checkpoint (4, 2) vs model (3, 2)" in message
+    assert "model.dim: 4 -> 3" in message and "iterations" not in message  # only what differs
+    # The same network resumes (no error); a missing or unreadable file is named.
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, path)
+    check_resume_checkpoint(str(path), net, run)
+    with pytest.raises(CheckpointError, match="missing.ckpt: checkpoint file does not exist"):
+        check_resume_checkpoint(str(tmp_path / "missing.ckpt"), net, run)
+    (tmp_path / "junk.ckpt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="junk.ckpt: cannot read"):
+        check_resume_checkpoint(str(tmp_path / "junk.ckpt"), net, run)
+
+
+def test_train_reports_a_bad_ckpt_path_without_a_traceback(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing.ckpt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "visstg.train", *tiny(tmp_path / "data", tmp_path / "run"),
+         f"ckpt_path={missing}"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert f"error: {missing}: checkpoint file does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_two_value_sweep_writes_a_summary(tmp_path: Path) -> None:
     overrides = [a for a in tiny(tmp_path / "data", tmp_path / "x", "logger=csv",

@@ -21,6 +21,7 @@ __all__ = [
     "results_for_video",
     "infer_split",
     "save_untrained_checkpoint",
+    "weight_mismatches",
 ]
 
 
@@ -41,6 +42,24 @@ class LoadedModel:
 
     def category_id(self, label: int) -> int:
         return int(self.categories[label]["id"])
+
+
+def weight_mismatches(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> list[str]:
+    """Lines saying how a checkpoint's weights ``state`` differ from a network's ``own`` state
+    dict (missing and unexpected keys, shape mismatches, up to 8 of each); empty when they fit."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shape_errors = [
+        f"  {k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    lines = [
+        f"  {name} keys ({len(keys)}): {', '.join(keys[:8])}"
+        for name, keys in (("missing", missing), ("unexpected", unexpected))
+        if keys
+    ]
+    return lines + shape_errors[:8]
 
 
 def load_checkpoint(
@@ -84,21 +103,10 @@ def load_checkpoint(
         ) from None
     prefix = "net."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shape_errors = [
-        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in state.items()
-        if k in own and own[k].shape != v.shape
-    ]
-    if missing or unexpected or shape_errors:
-        lines = [f"{path}: the weights do not match the model built from the config:"]
-        for name, keys in (("missing", missing), ("unexpected", unexpected)):
-            if keys:
-                lines.append(f"  {name} keys ({len(keys)}): {', '.join(keys[:8])}")
-        lines += [f"  {e}" for e in shape_errors[:8]]
-        raise CheckpointError("\n".join(lines))
+    problems = weight_mismatches(state, net.state_dict())
+    if problems:
+        header = f"{path}: the weights do not match the model built from the config:"
+        raise CheckpointError("\n".join([header, *problems]))
     net.load_state_dict(state)
     categories = ckpt.get("visstg_categories") or [
         {"id": i + 1, "name": n}

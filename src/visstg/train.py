@@ -92,6 +92,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # use) on local rank 0 only, then setup() everywhere; the module reads the categories then.
     datamodule = hydra.utils.instantiate(cfg.data)
     module = build_module(cfg)
+    if cfg.get("ckpt_path"):
+        check_resume_checkpoint(cfg.ckpt_path, module.net, module.config["model"])
     trainer = build_trainer(cfg)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
@@ -110,6 +112,49 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_run_summary(Path(cfg.paths.output_dir), out)
     return out
+
+
+def check_resume_checkpoint(path: str, net, model_cfg: dict[str, Any]) -> None:
+    """``ckpt_path=`` must be a checkpoint of this run's network. Otherwise a CheckpointError
+    that names the file, the weights that do not fit and the model options that differ from the
+    ones stored in it (Lightning would stop at the first tensor, without the file or the cause).
+    """
+    import torch
+
+    from visstg.inference import CheckpointError, weight_mismatches
+
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"{file}: checkpoint file does not exist (ckpt_path=)")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # pickle/zip errors of every kind
+        raise CheckpointError(f"{file}: cannot read as a PyTorch checkpoint: {err}") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{file}: not a Lightning checkpoint (no 'state_dict') to resume")
+    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
+    problems = weight_mismatches(state, net.state_dict())
+    if not problems:
+        return
+    lines = [f"{file}: cannot resume, its weights do not match this run's model:", *problems]
+    stored = (ckpt.get("visstg_config") or {}).get("model")
+    changed = _differences(stored, model_cfg, "model") if isinstance(stored, dict) else []
+    if changed:
+        lines.append("model options of the checkpoint's run -> this run:")
+        lines += [f"  {key}: {old!r} -> {new!r}" for key, old, new in changed[:8]]
+    lines.append("Resume with the overrides of the run that wrote it (its .hydra/overrides.yaml).")
+    raise CheckpointError("\n".join(lines))
+
+
+def _differences(old: Any, new: Any, key: str) -> list[tuple[str, Any, Any]]:
+    """Dotted keys where two nested config dicts differ, with both values (None = absent)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            diff
+            for k in sorted(set(old) | set(new), key=str)
+            for diff in _differences(old.get(k), new.get(k), f"{key}.{k}")
+        ]
+    return [] if old == new else [(key, old, new)]
 
 
 def _validated_already(module, best: str | None) -> bool:
@@ -147,7 +192,9 @@ def main(cfg: DictConfig) -> float | None:
     # Before torch starts its threads (they spin on an idle machine, wait passively on a busy one).
     if choose_openmp_wait_policy():
         print("other processes are using the CPU: OMP_WAIT_POLICY=PASSIVE")
-    result = train(cfg)
+    from visstg.cli import exit_on_user_error
+
+    result = exit_on_user_error(train, cfg)
     val = result.get("val_metrics")
     if val:
         from visstg.eval import format_table
