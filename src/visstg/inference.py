@@ -18,6 +18,8 @@ __all__ = [
     "CheckpointError",
     "LoadedModel",
     "load_checkpoint",
+    "network_state",
+    "read_checkpoint",
     "results_for_video",
     "infer_split",
     "save_untrained_checkpoint",
@@ -42,6 +44,23 @@ class LoadedModel:
 
     def category_id(self, label: int) -> int:
         return int(self.categories[label]["id"])
+
+
+def read_checkpoint(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint file on the CPU; a CheckpointError naming the file when it
+    is missing or unreadable."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as err:  # pickle/zip errors of every kind
+        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint: {err}") from None
+
+
+def network_state(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The network's weights in a Lightning checkpoint (``state_dict`` without ``net.``)."""
+    prefix = "net."
+    return {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
 
 
 def weight_mismatches(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> list[str]:
@@ -80,12 +99,7 @@ def load_checkpoint(
     from omegaconf import OmegaConf
 
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint file does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # pickle/zip errors of every kind
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint: {err}") from None
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "visstg_config" not in ckpt:
         raise CheckpointError(
             f"{path}: not a visstg checkpoint (no 'state_dict' / 'visstg_config'); "
@@ -101,8 +115,7 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path}: cannot build the model its config describes: {err}"
         ) from None
-    prefix = "net."
-    state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    state = network_state(ckpt)
     problems = weight_mismatches(state, net.state_dict())
     if problems:
         header = f"{path}: the weights do not match the model built from the config:"

@@ -119,21 +119,13 @@ def check_resume_checkpoint(path: str, net, model_cfg: dict[str, Any]) -> None:
     that names the file, the weights that do not fit and the model options that differ from the
     ones stored in it (Lightning would stop at the first tensor, without the file or the cause).
     """
-    import torch
-
-    from visstg.inference import CheckpointError, weight_mismatches
+    from visstg.inference import CheckpointError, network_state, read_checkpoint, weight_mismatches
 
     file = Path(path)
-    if not file.is_file():
-        raise CheckpointError(f"{file}: checkpoint file does not exist (ckpt_path=)")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # pickle/zip errors of every kind
-        raise CheckpointError(f"{file}: cannot read as a PyTorch checkpoint: {err}") from None
+    ckpt = read_checkpoint(file, mmap=True)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{file}: not a Lightning checkpoint (no 'state_dict') to resume")
-    state = {k[4:]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
-    problems = weight_mismatches(state, net.state_dict())
+    problems = weight_mismatches(network_state(ckpt), net.state_dict())
     if not problems:
         return
     lines = [f"{file}: cannot resume, its weights do not match this run's model:", *problems]
