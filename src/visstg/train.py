@@ -152,11 +152,11 @@ def _differences(old: Any, new: Any, key: str) -> list[tuple[str, Any, Any]]:
 def _validated_already(module, best: str | None) -> bool:
     """Whether the last validation of the fit already scored ``best`` (the default run validates
     once, after its last step, and that checkpoint is the best): no second pass over the videos."""
-    import torch
+    from visstg.inference import read_checkpoint
 
     if best is None or module.validated_step is None or not module.validator.last_metrics:
         return False
-    ckpt = torch.load(best, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = read_checkpoint(Path(best), mmap=True)
     return ckpt.get("global_step") == module.validated_step
 
 
