@@ -99,13 +99,20 @@ def test_encode_then_decode_recovers_boxes_and_classes():
     assert (got["scores"] > 0.99).all()
 
 
-def test_class_agnostic_nms_keeps_one_class_per_object():
-    # one object, heatmap peaks for classes 0 (0.9) and 1 (0.6) at the same cell
+def _one_object_of_two_classes(p0: float, p1: float):
+    """One object whose centre cell has heatmap p0 for class 0 and p1 for class 1; returns the
+    prediction, its level and (y, x) cell."""
     a = assign_targets([_target([[10.0, 10.0, 30.0, 30.0]], [0])], SHAPES, STRIDES, RANGES)
     pred, _ = _perfect_prediction(a, 1)
     lvl, (y, x) = int(a.level[0]), a.cell[0].tolist()
     heat = pred["heatmap"][lvl]
-    heat[0, 0, y, x], heat[0, 1, y, x] = math.log(0.9 / 0.1), math.log(0.6 / 0.4)
+    heat[0, 0, y, x], heat[0, 1, y, x] = math.log(p0 / (1 - p0)), math.log(p1 / (1 - p1))
+    return pred, lvl, (y, x)
+
+
+def test_class_agnostic_nms_keeps_one_class_per_object():
+    # one object, heatmap peaks for classes 0 (0.9) and 1 (0.6) at the same cell
+    pred, *_ = _one_object_of_two_classes(0.9, 0.6)
     size = torch.tensor([[64, 100]])
     aware = decode_detections(pred, STRIDES, size)[0]
     assert aware["labels"].tolist() == [0, 1]  # per-class NMS: both classes stay
@@ -118,6 +125,52 @@ def test_class_agnostic_nms_keeps_one_class_per_object():
     pred, _ = _perfect_prediction(b, 1)
     agnostic = decode_detections(pred, STRIDES, size, class_agnostic=True)[0]
     assert sorted(agnostic["labels"].tolist()) == [0, 1]
+
+
+def test_objectness_head_splits_its_heatmap_branch():
+    head = CenterNetHead(5, in_channels=16, feat_channels=8, objectness=True)
+    feats = [torch.randn(2, 16, 8, 6), torch.randn(2, 16, 4, 3)]
+    out = head(feats)
+    assert [t.shape for t in out["heatmap"]] == [(2, 5, 8, 6), (2, 5, 4, 3)]
+    assert [t.shape for t in out["objectness"]] == [(2, 1, 8, 6), (2, 1, 4, 3)]
+    raw = head.heatmap(feats[0])  # one conv output: classes first, the objectness channel last
+    torch.testing.assert_close(out["objectness"][0], raw[:, 5:])
+    torch.testing.assert_close(head.heatmap[-1].bias, torch.full((6,), -2.19))
+    # inference runs the heatmap branch alone: the objectness comes with it
+    assert sorted(head(feats, branches=("heatmap",))) == ["heatmap", "objectness"]
+    assert "objectness" not in CenterNetHead(5, in_channels=16, feat_channels=8)(feats)
+
+
+def test_objectness_loss_is_focal_loss_on_the_max_over_classes():
+    a = assign_targets([FRAME], SHAPES, STRIDES, RANGES)
+    pred, heat = _perfect_prediction(a, 1)
+    assert "loss_objectness" not in centernet_loss(pred, a, heat)
+    pred["objectness"] = [torch.zeros(1, 1, h, w) for h, w in SHAPES]  # p = 0.5 everywhere
+    losses = centernet_loss(pred, a, heat)
+    agnostic = [h.amax(1, keepdim=True) for h in heat]
+    expected = sum(centernet_focal_loss(o, t) for o, t in zip(pred["objectness"], agnostic)) / 5
+    assert float(losses["loss_objectness"]) == pytest.approx(float(expected))
+    # every object is a positive of the class-agnostic map: as many 1s as objects
+    assert sum(int(t.eq(1).sum()) for t in agnostic) == 5
+    # an objectness map equal to its targets scores lower than a flat one
+    pred["objectness"] = [20 * t - 10 for t in agnostic]
+    assert float(centernet_loss(pred, a, heat)["loss_objectness"]) < float(expected)
+
+
+def test_objectness_decoding_scores_objects_and_labels_them_by_class():
+    # one object whose class the class maps split (0.30 / 0.35) while the objectness is 0.8
+    pred, lvl, (y, x) = _one_object_of_two_classes(0.30, 0.35)
+    pred["objectness"] = [torch.full((1, 1, h, w), -10.0) for h, w in SHAPES]
+    pred["objectness"][lvl][0, 0, y, x] = math.log(0.8 / 0.2)
+    size = torch.tensor([[64, 100]])
+    dets = decode_detections(pred, STRIDES, size, score_thresh=0.05)[0]
+    assert dets["labels"].tolist() == [1]  # the class of highest heatmap at the peak
+    assert dets["scores"].tolist() == pytest.approx([0.8])  # the objectness, not 0.35
+    assert dets["cells"].tolist() == [[y, x]]
+    # without the objectness map the same class maps give two weak detections of one object
+    del pred["objectness"]
+    plain = decode_detections(pred, STRIDES, size, score_thresh=0.05)[0]
+    assert plain["scores"].tolist() == pytest.approx([0.35, 0.30])
 
 
 def test_neighbour_cells_keep_window_cells_on_the_map_and_in_the_box():

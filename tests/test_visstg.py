@@ -41,7 +41,7 @@ def tiny_net(propagation=True, iterations=2, **kwargs):
         backbone=kwargs.pop("backbone", None) or ResNetFPN(18, D, norm="bn", trainable_layers=5),
         graph=GraphBuilder(D, hidden=8),
         gnn=SpatialTemporalGNN(D, iterations, hidden=D),
-        det_head=CenterNetHead(C, D, D),
+        det_head=kwargs.pop("det_head", None) or CenterNetHead(C, D, D),
         controller=Controller(D, 169, D),
         mask_branch=kwargs.pop("mask_branch", None) or MaskBranch(D, D, num_convs=2),
         kernel_warp=KernelWarp(D, 169, D) if propagation else None,
@@ -418,6 +418,36 @@ def test_reference_frame_detection_is_the_head_on_the_unfused_reference_maps():
     # Reference-frame detection trains the head through the reference frame's maps.
     losses[REF_DETECTION_LOSS_KEY].backward()
     assert with_ref.backbone.fpn.body.conv1.weight.grad.abs().sum() > 0
+
+
+def test_objectness_loss_joins_detection_on_both_frames():
+    """CenterNetHead(objectness=True): loss_objectness is part of L_det (weights.det) and of the
+    reference frame's loss_det_ref, and inference scores detections with the objectness map."""
+    from visstg.model.criterion import OBJECTNESS_LOSS_KEY, REF_DETECTION_LOSS_KEY
+
+    batch = pair_batch()
+    net = tiny_net(det_head=CenterNetHead(C, D, D, objectness=True), ref_detection=True)
+    out = net.forward_train(batch)
+    criterion = VisSTGCriterion(weights={"det": 2.0})
+    losses = criterion(out, batch)
+    assert losses[OBJECTNESS_LOSS_KEY].item() > 0
+    without = {
+        k: {n: v for n, v in out[k].items() if n != "objectness"} for k in ("det", "det_ref")
+    }
+    plain = criterion({**out, **without}, batch)
+    assert OBJECTNESS_LOSS_KEY not in plain
+    ref_objectness = losses[REF_DETECTION_LOSS_KEY] - plain[REF_DETECTION_LOSS_KEY]
+    assert ref_objectness.item() > 0  # the reference frame's objectness term
+    torch.testing.assert_close(
+        losses["loss"] - plain["loss"], 2.0 * (losses[OBJECTNESS_LOSS_KEY] + ref_objectness)
+    )
+    net.eval()
+    with torch.no_grad():
+        det, _ = net.inference_step(batch["tgt_images"], image_size=(H, W))
+        maps = net.backbone(batch["tgt_images"])
+        objectness = [o.sigmoid() for o in net.det_head(maps)["objectness"]]
+    top = max(float(o.max()) for o in objectness)
+    assert float(det["scores"].max()) == pytest.approx(top, rel=1e-4)
 
 
 def test_edge_class_agnostic_training_scores_edges_to_other_classes():

@@ -15,7 +15,6 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from visstg.model.criterion import ASSOCIATION_LOSS_KEYS, LOSS_KEYS, REF_DETECTION_LOSS_KEY
 from visstg.tracker import TrackerConfig
 from visstg.validation import LOGGED_KEYS, VideoValidator
 
@@ -172,9 +171,9 @@ class VisSTGModule(pl.LightningModule):
         losses = self.model_step(batch)
         batch_size = int(batch["tgt_images"].shape[0])
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=batch_size)
-        for key in (*LOSS_KEYS, *ASSOCIATION_LOSS_KEYS, REF_DETECTION_LOSS_KEY):
-            if key in losses:
-                self.log(f"train/{key}", losses[key], batch_size=batch_size)
+        for key, value in losses.items():  # every term of the variant (loss_center, ...)
+            if key != "loss":
+                self.log(f"train/{key}", value, batch_size=batch_size)
         return losses["loss"]
 
     def setup(self, stage: str) -> None:

@@ -33,6 +33,8 @@ LOSS_KEYS = (
 ASSOCIATION_LOSS_KEYS = ("loss_embed", "loss_track_offset")
 # Present only with VisSTG(ref_detection=True).
 REF_DETECTION_LOSS_KEY = "loss_det_ref"
+# Present only with a class-agnostic centre heatmap (CenterNetHead(objectness=True)).
+OBJECTNESS_LOSS_KEY = "loss_objectness"
 
 
 def assignment_masks(
@@ -60,7 +62,8 @@ class VisSTGCriterion(nn.Module):
     """L_total = l1 * L_det + l2 * L_mask + l3 * L_edge (paper Eq. 3, 6, 7).
 
     - L_det = loss_center + loss_size + loss_offset (CenterNet; ``size_weight`` and
-      ``offset_weight`` are already applied to the last two, paper Eq. 3).
+      ``offset_weight`` are already applied to the last two, paper Eq. 3), + loss_objectness
+      with a class-agnostic centre heatmap (``CenterNetHead(objectness=True)``).
     - L_mask = mask_weights[target] * loss_mask (dice of M, target kernels) +
       mask_weights[warp] * loss_mask_warp (dice of M', warped reference kernels) +
       mask_weights[ref] * loss_mask_ref (dice of the reference frame's masks, paper 3.6).
@@ -184,6 +187,8 @@ class VisSTGCriterion(nn.Module):
 
         w, mw = self.weights, self.mask_weights
         l_det = losses["loss_center"] + losses["loss_size"] + losses["loss_offset"]
+        if OBJECTNESS_LOSS_KEY in losses:
+            l_det = l_det + losses[OBJECTNESS_LOSS_KEY]
         l_mask = (
             mw["target"] * losses["loss_mask"]
             + mw["warp"] * losses["loss_mask_warp"]

@@ -73,12 +73,19 @@ class CenterNetHead(nn.Module):
         prior_bias: initial bias of the heatmap logits (-2.19 = sigmoid^-1(0.1), CenterNet).
         norm: use GroupNorm (32 groups, fewer when the width is not a multiple) after each hidden
             conv.
+        objectness: the heatmap branch also predicts one class-agnostic centre heatmap (one more
+            output channel of its last conv), trained on the maximum of the class targets.
+            Decoding then finds peaks and scores on it and reads the class at the peak from
+            the class heatmaps (:func:`decode_detections`), so an object whose class the model
+            is unsure of still scores as an object. Not in the paper (CenterNet's heatmaps are
+            per class only).
 
     Shapes:
         input: list over levels of ``[B, in_channels, H_l, W_l]``.
         output: dict with lists over levels: ``heatmap [B, C, H_l, W_l]`` (logits),
         ``size [B, 2, H_l, W_l]`` (log(w/stride), log(h/stride)), ``offset [B, 2, H_l, W_l]``
-        (x, y in cells).
+        (x, y in cells), and with ``objectness`` ``objectness [B, 1, H_l, W_l]`` (logits,
+        returned with ``heatmap``).
     """
 
     def __init__(
@@ -89,12 +96,15 @@ class CenterNetHead(nn.Module):
         num_convs: int = 3,
         prior_bias: float = -2.19,
         norm: bool = False,
+        objectness: bool = False,
     ):
         super().__init__()
         if num_convs < 1:
             raise ValueError(f"CenterNetHead: num_convs must be >= 1, got {num_convs}")
         self.num_classes = num_classes
-        self.heatmap = _branch(in_channels, feat_channels, num_classes, num_convs, norm)
+        self.objectness = objectness
+        heat_channels = num_classes + int(objectness)
+        self.heatmap = _branch(in_channels, feat_channels, heat_channels, num_convs, norm)
         self.size = _branch(in_channels, feat_channels, 2, num_convs, norm)
         self.offset = _branch(in_channels, feat_channels, 2, num_convs, norm)
         for branch in (self.heatmap, self.size, self.offset):
@@ -113,7 +123,12 @@ class CenterNetHead(nn.Module):
         """Run ``branches`` (default all three) on every level; inference runs the heatmap
         alone and reads size and offset at its peaks (:meth:`regress_at`)."""
         # heatmap [B, C, H_l, W_l], size / offset [B, 2, H_l, W_l] per level
-        return {name: [getattr(self, name)(f) for f in feats] for name in branches}
+        out = {name: [getattr(self, name)(f) for f in feats] for name in branches}
+        if self.objectness and "heatmap" in out:
+            c = self.num_classes
+            out["objectness"] = [h[:, c:] for h in out["heatmap"]]  # [B, 1, H_l, W_l]
+            out["heatmap"] = [h[:, :c] for h in out["heatmap"]]
+        return out
 
     def regress_at(
         self, feats: Sequence[Tensor], level: Tensor, y: Tensor, x: Tensor
@@ -409,20 +424,29 @@ def centernet_loss(
 
     ``loss_center`` = penalty-reduced focal loss (alpha 2, beta 4) summed over every level and
     divided by ``max(N, 1)``; ``loss_size`` / ``loss_offset`` = mean L1 over the ``N x 2`` targets
-    read at the assigned centre cells, multiplied by their weights.
+    read at the assigned centre cells, multiplied by their weights. With an ``objectness``
+    prediction (:class:`CenterNetHead`), ``loss_objectness`` is the same focal loss of it
+    against the maximum over classes of ``heatmaps`` (every object's Gaussian, whatever its
+    class).
 
     Args:
         pred: :class:`CenterNetHead` output.
         assignment: from :func:`assign_targets`.
         heatmaps: from :func:`heatmap_targets`.
     Returns:
-        dict ``loss_center``, ``loss_size``, ``loss_offset`` (scalars, graph-connected even when
-        there is no instance).
+        dict ``loss_center``, ``loss_size``, ``loss_offset`` (+ ``loss_objectness``; scalars,
+        graph-connected even when there is no instance).
     """
     num = len(assignment)
     loss_center = sum(
         centernet_focal_loss(logit, heat) for logit, heat in zip(pred["heatmap"], heatmaps)
     ) / max(num, 1)
+    losses = {"loss_center": loss_center}
+    if "objectness" in pred:
+        losses["loss_objectness"] = sum(
+            centernet_focal_loss(logit, heat.amax(1, keepdim=True))
+            for logit, heat in zip(pred["objectness"], heatmaps)
+        ) / max(num, 1)
     if num == 0:
         loss_size = sum(s.sum() for s in pred["size"]) * 0
         loss_offset = sum(o.sum() for o in pred["offset"]) * 0
@@ -432,7 +456,7 @@ def centernet_loss(
         offset = gather_at_cells(pred["offset"], a.batch, a.level, a.cell)  # [N, 2]
         loss_size = size_weight * F.l1_loss(size, a.size.to(size.dtype))
         loss_offset = offset_weight * F.l1_loss(offset, a.offset.to(offset.dtype))
-    return {"loss_center": loss_center, "loss_size": loss_size, "loss_offset": loss_offset}
+    return {**losses, "loss_size": loss_size, "loss_offset": loss_offset}
 
 
 @torch.no_grad()
@@ -454,7 +478,9 @@ def decode_detections(
     ``score_thresh`` or whose decoded centre lies outside the valid region are dropped, boxes are
     clipped to the valid region and class-aware NMS (``nms_thresh``) runs across levels
     (``class_agnostic``: one NMS over every class, so peaks of several classes on one object
-    leave only the highest-scoring one).
+    leave only the highest-scoring one). With an ``objectness`` prediction the peaks and scores
+    are those of the class-agnostic heatmap, each labelled with the class of highest heatmap
+    at its cell.
 
     Args:
         pred: :class:`CenterNetHead` output (lists over levels); only ``heatmap`` is read
@@ -475,8 +501,16 @@ def decode_detections(
     device = heat_maps[0].device
     shapes = [tuple(h.shape[-2:]) for h in heat_maps]
     scores_l = []
-    for logit in heat_maps:
+    for lvl, logit in enumerate(heat_maps):
         heat = logit.sigmoid()
+        if "objectness" in pred:
+            obj = pred["objectness"][lvl].sigmoid()  # [B, 1, H_l, W_l]
+            peak = F.max_pool2d(obj, pool_size, stride=1, padding=pool_size // 2)
+            # Each peak's score goes to its best class's plane, the others' stay 0.
+            best = heat.argmax(1, keepdim=True)
+            heat = torch.zeros_like(heat).scatter_(1, best, obj * (peak == obj))
+            scores_l.append(heat.flatten(1))  # [B, C*H_l*W_l]
+            continue
         peak = F.max_pool2d(heat, pool_size, stride=1, padding=pool_size // 2)
         scores_l.append((heat * (peak == heat)).flatten(1))  # [B, C*H_l*W_l]
     scores_all = torch.cat(scores_l, 1)  # [B, S] S = sum_l C*H_l*W_l
