@@ -243,3 +243,86 @@ def test_track_errors_script_puts_every_object_frame_in_one_bucket(
     assert sum(frac[k] for k in exclusive) == pytest.approx(1.0, abs=4e-3)
     assert frac["on another object"] <= frac["low IoU"]
     assert frac["object tracked elsewhere"] <= frac["low IoU"]
+
+
+def test_autocast_context_picks_the_dtype_and_names_the_choices() -> None:
+    from visstg.cli import UsageError
+    from visstg.inference import autocast_context
+
+    layer, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        with autocast_context("cpu", precision):
+            assert layer(x).dtype == dtype
+    with pytest.raises(UsageError, match=r"precision must be one of \['bf16', 'fp16', 'fp32'\]"):
+        autocast_context("cpu", "fp8")
+
+
+@pytest.fixture
+def seen_steps(monkeypatch):
+    """Records, for every tracker step, whether autocast was on and the backbone's stem layout."""
+    from visstg.tracker import OnlineTracker
+
+    seen: list[tuple[bool, torch.dtype, bool]] = []
+    step = OnlineTracker.step
+
+    def recording(self, image, *args, **kwargs):
+        stem = self.model.backbone.fpn.body.conv1.weight
+        seen.append(
+            (
+                torch.is_autocast_enabled("cpu"),
+                torch.get_autocast_dtype("cpu"),
+                stem.is_contiguous(memory_format=torch.channels_last),
+            )
+        )
+        return step(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineTracker, "step", recording)
+    return seen
+
+
+def test_predict_and_evaluate_run_in_the_chosen_precision(
+    tmp_path: Path, checkpoint: Path, bikes_clip: Path, seen_steps
+) -> None:
+    """``precision=bf16 channels_last=true``: every tracker step runs under bf16 autocast with
+    NHWC weights, and the outputs are written as in float32."""
+    from visstg.config import compose
+    from visstg.evaluate import evaluate_checkpoint
+    from visstg.predict import predict
+
+    fast = ["precision=bf16", "channels_last=true"]
+    out = tmp_path / "pred"
+    summary = predict(
+        compose("predict", [f"input={bikes_clip}", f"ckpt_path={checkpoint}",
+                            f"output_dir={out}", *fast])
+    )  # fmt: skip
+    assert summary["frames"] == 12 and (out / "overlay.mp4").exists()
+    assert json.loads((out / "results.json").read_text())
+    assert len(seen_steps) == 12 and set(seen_steps) == {(True, torch.bfloat16, True)}
+    seen_steps.clear()
+    metrics = evaluate_checkpoint(
+        compose("evaluate", [f"ckpt_path={checkpoint}", f"output={tmp_path / 'm.json'}", *fast])
+    )
+    assert {"AP", "HOTA"} <= set(metrics) and (tmp_path / "valid_results.json").exists()
+    assert seen_steps and set(seen_steps) == {(True, torch.bfloat16, True)}
+    seen_steps.clear()
+    evaluate_checkpoint(
+        compose("evaluate", [f"ckpt_path={checkpoint}", f"output={tmp_path / 'f.json'}",
+                             f"results={tmp_path / 'f_results.json'}"])
+    )  # fmt: skip
+    assert seen_steps and {s[0] for s in seen_steps} == {False}  # fp32 by default
+
+
+def test_a_bad_precision_is_refused_before_anything_is_written(
+    tmp_path: Path, checkpoint: Path, bikes_clip: Path
+) -> None:
+    out = tmp_path / "pred"
+    proc = run(
+        "visstg.predict", f"input={bikes_clip}", f"ckpt_path={checkpoint}", f"output_dir={out}",
+        "precision=fp8",
+    )  # fmt: skip
+    assert proc.returncode == 1 and "precision must be one of" in proc.stderr
+    assert not out.exists()
+    proc = run("visstg.evaluate", f"ckpt_path={checkpoint}", f"output={tmp_path / 'm.json'}",
+               "precision=half")  # fmt: skip
+    assert proc.returncode == 1 and "precision must be one of" in proc.stderr
+    assert list(tmp_path.iterdir()) == []

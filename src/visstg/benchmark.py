@@ -27,7 +27,6 @@ import json
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,6 @@ STAGES = (
     "association",
     "rle",
 )
-PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 # ---------------------------------------------------------------------------------- inputs
@@ -122,40 +120,6 @@ def build_model(cfg: DictConfig, device: str):
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     net = hydra.utils.instantiate(model_cfg)
     return net.to(device).eval(), model_cfg, OmegaConf.to_container(cfg.tracker, resolve=True)
-
-
-def optimise_for_inference(
-    net, device: str, channels_last: bool, compile_: bool, fuse_norms: bool = True
-):
-    """Backbone norms folded into its convs, channels_last memory format and optional
-    torch.compile of the fixed-shape networks.
-
-    The backbone and the dense heads see the same shapes on every frame of a video, so they
-    compile once; the graph and the GNN have a frame-dependent edge count and stay eager.
-    """
-    import torch
-
-    if fuse_norms:
-        net.backbone.fuse_norms()
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    if compile_:
-        for name in ("backbone", "det_head", "controller", "mask_branch", "kernel_warp"):
-            module = getattr(net, name, None)
-            if module is not None:
-                setattr(net, name, torch.compile(module, dynamic=False))
-    return net
-
-
-def autocast_context(device: str, precision: str):
-    import torch
-
-    if precision not in PRECISIONS:
-        raise UsageError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
-    if PRECISIONS[precision] is None:
-        return nullcontext()
-    dtype = getattr(torch, PRECISIONS[precision])
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
 
 def set_detection_count(net, tracker_cfg: dict, detections: int | None) -> dict:
@@ -371,6 +335,8 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
     size = tuple(int(s) for s in cfg.size)
     if len(size) != 2:
         raise UsageError(f"size must be [height, width], got {list(cfg.size)}")
+    from visstg.inference import autocast_context, optimise_for_inference
+
     autocast = autocast_context(device, cfg.precision)
     net, model_cfg, tracker_cfg = build_model(cfg, device)
     net = optimise_for_inference(net, device, cfg.channels_last, cfg.compile, cfg.fuse_norms)

@@ -70,7 +70,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
     from visstg.cli import resolve_device
     from visstg.eval.results import make_submission_zip, write_results
-    from visstg.inference import infer_split, load_checkpoint
+    from visstg.inference import (
+        autocast_context,
+        infer_split,
+        load_checkpoint,
+        optimise_for_inference,
+    )
     from visstg.validation import restrict_gt
 
     output = Path(cfg.output) if cfg.output else None
@@ -84,7 +89,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
             f"{results_path} exists; pass results=OTHER.json or overwrite=true to replace it"
         )
     device = resolve_device(cfg.get("device", "auto"))
+    precision = cfg.get("precision", "fp32")
+    autocast_context(device, precision)  # a bad precision fails before anything is loaded
     model = load_checkpoint(cfg.ckpt_path, device)
+    if cfg.get("channels_last"):
+        model.net = optimise_for_inference(model.net, device, channels_last=True, fuse_norms=False)
     chosen = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}
     data_cfg = dict(model.config["data"]) if not chosen.get("name") else chosen
     if chosen.get("root"):
@@ -93,7 +102,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
         if cfg.get(key):
             data_cfg[key] = cfg[key]
     tracker = OmegaConf.to_container(cfg.tracker, resolve=True) if cfg.get("tracker") else None
-    ds, results = infer_split(model, data_cfg, cfg.split, tracker, device, cfg.get("max_videos"))
+    ds, results = infer_split(
+        model, data_cfg, cfg.split, tracker, device, cfg.get("max_videos"), precision
+    )
 
     results_path.parent.mkdir(parents=True, exist_ok=True)
     write_results(results, results_path)

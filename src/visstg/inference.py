@@ -8,15 +8,21 @@ config (so the network can be rebuilt without the original command line) and who
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from visstg.cli import UsageError
+
 __all__ = [
+    "PRECISIONS",
     "CheckpointError",
     "LoadedModel",
+    "autocast_context",
+    "optimise_for_inference",
     "load_checkpoint",
     "network_state",
     "read_checkpoint",
@@ -27,8 +33,52 @@ __all__ = [
 ]
 
 
+# Inference precisions (``precision=`` of predict, evaluate and benchmark): the autocast dtype.
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not match the model config."""
+
+
+def autocast_context(device: str | torch.device, precision: str) -> AbstractContextManager:
+    """``torch.autocast`` in ``precision`` on ``device``'s type; a null context for fp32.
+
+    The network's convolutions and matmuls then run in bf16 / fp16; detection decoding, the
+    tracker's association and mask encoding read float32 (:mod:`visstg.tracker`). On a CPU with
+    native bf16 (avx512_bf16, AMX) bf16 is faster; on others it is emulated and slower.
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def optimise_for_inference(
+    net: torch.nn.Module,
+    device: str | torch.device,
+    channels_last: bool = False,
+    compile_: bool = False,
+    fuse_norms: bool = True,
+) -> torch.nn.Module:
+    """Backbone norms folded into its convs, channels_last memory format and optional
+    torch.compile of the fixed-shape networks.
+
+    The backbone and the dense heads see the same shapes on every frame of a video, so they
+    compile once; the graph and the GNN have a frame-dependent edge count and stay eager.
+    """
+    if fuse_norms:
+        net.backbone.fuse_norms()
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if compile_:
+        for name in ("backbone", "det_head", "controller", "mask_branch", "kernel_warp"):
+            module = getattr(net, name, None)
+            if module is not None:
+                setattr(net, name, torch.compile(module, dynamic=False))
+    return net
 
 
 @dataclass
@@ -164,10 +214,12 @@ def infer_split(
     tracker_overrides: dict | None = None,
     device: str | torch.device = "cpu",
     max_videos: int | None = None,
+    precision: str = "fp32",
 ):
     """Track every video of ``data_cfg``'s ``split``; returns (loaded split, results list).
 
-    ``data_cfg`` is a data config node (``conf/data/*.yaml``, resolved to a dict).
+    ``data_cfg`` is a data config node (``conf/data/*.yaml``, resolved to a dict); the network
+    runs under :func:`autocast_context` of ``precision``.
     """
     from rich.progress import track
 
@@ -190,7 +242,7 @@ def infer_split(
         model.net, tracker_config(model.config.get("tracker"), tracker_overrides)
     )
     results: list[dict[str, Any]] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast_context(device, precision):
         for i in track(range(n), description=f"inference on {ds.path.name}"):
             video = videos[i]
             results += results_for_video(tracker.run(video), video.video_id, model.categories)

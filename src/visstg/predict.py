@@ -56,7 +56,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
     from visstg.data.transforms import preprocess_frame
     from visstg.data.video_io import VideoFile, VideoWriter, open_video
-    from visstg.inference import load_checkpoint, tracker_config
+    from visstg.inference import (
+        autocast_context,
+        load_checkpoint,
+        optimise_for_inference,
+        tracker_config,
+    )
     from visstg.tracker import OnlineTracker
     from visstg.viz import decode_rle, draw_tracks
 
@@ -64,9 +69,11 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     check_output_dir(output_dir, cfg.overwrite)
     video = open_video(cfg.input, fps=cfg.fps)
     device = resolve_device(cfg.device)
+    autocast = autocast_context(device, cfg.precision)  # a bad precision fails before loading
     model = load_checkpoint(cfg.ckpt_path, device)
-    if cfg.fuse_norms:
-        model.net.backbone.fuse_norms()
+    model.net = optimise_for_inference(
+        model.net, device, cfg.channels_last, fuse_norms=cfg.fuse_norms
+    )
     data_cfg = model.config.get("data", {})
     test_size = cfg.test_size or data_cfg.get("test_size", 360)
     max_size = cfg.max_size or data_cfg.get("max_size", 1333)
@@ -83,7 +90,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         task = progress.add_task(f"predict {Path(cfg.input).name}", total=total)
         for frame in video:
             image, size, _ = preprocess_frame(frame, test_size, max_size)
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast:
                 dets = tracker.step(image.to(device), size, frame.shape[:2])
             shown = [(tid, names[label], score, rle) for tid, label, score, rle in dets]
             writer.write(draw_tracks(frame, shown, alpha=cfg.alpha))
