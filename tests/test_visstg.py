@@ -157,6 +157,39 @@ def test_mask_bce_adds_the_in_box_bce_to_every_mask_term():
     assert torch.isfinite(both["loss"]) and both["loss"] > dice["loss"]
 
 
+def test_mask_loss_stride_scores_the_upsampled_logits_against_finer_targets():
+    """``mask_loss_stride``: every mask term compares the logits upsampled bilinearly to that
+    stride with the ground truth averaged over cells of that stride (binary at 1); the default
+    is the logits' own stride; a stride that does not divide it is refused."""
+    from visstg.model.losses import dice_loss
+    from visstg.model.segmentation import upsample_mask_logits
+
+    batch = pair_batch()
+    out = tiny_net().forward_train(batch)
+    default = VisSTGCriterion(mask_bce=1.0)(out, batch)
+    torch.testing.assert_close(
+        default, VisSTGCriterion(mask_bce=1.0, mask_loss_stride=4)(out, batch)
+    )
+    for stride in (2, 1):
+        fine = VisSTGCriterion(mask_bce=1.0, mask_loss_stride=stride)(out, batch)
+        for key, logits, frame, a in (
+            ("loss_mask", out["mask_logits"], "tgt_targets", out["tgt_assignment"]),
+            ("loss_mask_warp", out["mask_warp_logits"], "tgt_targets", out["tgt_assignment"]),
+            ("loss_mask_ref", out["ref_mask_logits"], "ref_targets", out["ref_assignment"]),
+        ):
+            up = upsample_mask_logits(logits, 4 // stride)
+            target = downsample_masks(batch[frame][0]["masks"].float(), stride)
+            assert up.shape == target.shape == (2, H // stride, W // stride)
+            if stride == 1:
+                assert set(target.unique().tolist()) == {0.0, 1.0}
+            expected = dice_loss(up, target) + box_bce_loss(up, target, a.boxes, stride)
+            torch.testing.assert_close(fine[key], expected)
+            assert not torch.allclose(fine[key], default[key])
+        fine["loss"].backward(retain_graph=True)
+    with pytest.raises(ValueError, match="mask_loss_stride 3 must divide"):
+        VisSTGCriterion(mask_loss_stride=3)
+
+
 def test_overfitting_one_pair_reduces_every_loss():
     net, batch = tiny_net(), pair_batch()
     criterion = VisSTGCriterion()

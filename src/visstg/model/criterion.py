@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from visstg.model.association import association_losses
 from visstg.model.detection import Assignment, centernet_loss, heatmap_targets
 from visstg.model.losses import box_bce_loss, dice_loss, downsample_masks, edge_loss
+from visstg.model.segmentation import upsample_mask_logits
 from visstg.model.tracking import edge_training_targets
 
 LOSS_KEYS = (
@@ -83,6 +84,12 @@ class VisSTGCriterion(nn.Module):
         min_overlap: Gaussian radius parameter of the heatmap targets.
         mask_target_stride: stride of the mask logits (4).
         mask_bce: weight of the in-box BCE added to every dice term (0: the paper's dice only).
+        mask_loss_stride: stride at which the mask losses compare (None: ``mask_target_stride``,
+            the logits against the ground truth averaged over their cells, CondInst's). A
+            divisor of ``mask_target_stride``: the logits are first upsampled bilinearly to it
+            (:func:`~visstg.model.segmentation.upsample_mask_logits`, as inference does before
+            thresholding), so at 1 the loss sees the binary masks and trains the boundary the
+            thresholded upsampled logits draw.
 
     ``forward(outputs, batch)`` returns every ``loss_*`` component (unweighted by l1-l3) and
     ``loss``, the total. All are finite scalars connected to the autograd graph, also when the
@@ -98,8 +105,16 @@ class VisSTGCriterion(nn.Module):
         min_overlap: float = 0.7,
         mask_target_stride: int = 4,
         mask_bce: float = 0.0,
+        mask_loss_stride: int | None = None,
     ) -> None:
         super().__init__()
+        loss_stride = mask_target_stride if mask_loss_stride is None else int(mask_loss_stride)
+        if loss_stride < 1 or mask_target_stride % loss_stride:
+            raise ValueError(
+                f"VisSTGCriterion: mask_loss_stride {mask_loss_stride} must divide the mask "
+                f"logits' stride {mask_target_stride}"
+            )
+        self.mask_loss_stride = loss_stride
         self.weights = {
             "det": 1.0, "mask": 1.0, "edge": 1.0, "embed": 1.0, "track_offset": 1.0, "det_ref": 1.0,
             **dict(weights or {}),
@@ -124,11 +139,14 @@ class VisSTGCriterion(nn.Module):
         if rows is not None:
             a = a.select(rows)
         masks = assignment_masks(targets, a, shape).to(logits.device)  # [K, H, W]
-        soft = _match(logits, downsample_masks(masks, self.mask_target_stride))  # [K, H/4, W/4]
+        stride = self.mask_loss_stride
+        if stride != self.mask_target_stride:
+            logits = upsample_mask_logits(logits.float(), self.mask_target_stride // stride)
+        soft = _match(logits, downsample_masks(masks, stride))  # [K, H/s, W/s]
         loss = dice_loss(logits, soft)
         if self.mask_bce > 0:
             boxes = a.boxes.to(logits.device, torch.float32)
-            loss = loss + self.mask_bce * box_bce_loss(logits, soft, boxes, self.mask_target_stride)
+            loss = loss + self.mask_bce * box_bce_loss(logits, soft, boxes, stride)
         return loss
 
     def _centernet(
