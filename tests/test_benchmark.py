@@ -77,6 +77,21 @@ def test_benchmark_command_writes_the_report(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
 
 
+def test_benchmark_times_the_same_random_model_every_run() -> None:
+    """Random weights drawn after ``seed``: two builds agree, another seed differs (where the
+    detections land sets the work of the mask and GNN stages)."""
+    from visstg.benchmark import build_model
+    from visstg.config import compose
+
+    def weights(seed: int) -> list[torch.Tensor]:
+        cfg = compose("benchmark", ["model.dim=16", "model.backbone.weights=null", f"seed={seed}"])
+        return [p.detach() for p in build_model(cfg, "cpu")[0].parameters()]
+
+    first, again, other = weights(42), weights(42), weights(7)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
 def _tiny_model() -> VisSTG:
     torch.manual_seed(0)
     backbone = ResNetFPN(18, 32, weights=None)

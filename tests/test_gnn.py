@@ -35,28 +35,32 @@ def random_bipartite(num_src=4, num_dst=7, num_edges=12, seed=0):
 
 # Node sets smaller than the edge set (each endpoint's first-layer block is applied per node)
 # and larger (per edge), and one of each.
+# sum_first: N_v's last layer after the sum of a node's messages (inference), nodes without
+# edges included (20 x 30 nodes, 12 edges).
 @pytest.mark.parametrize("num_src, num_dst", [(4, 7), (20, 30), (4, 30)])
+@pytest.mark.parametrize("sum_first", [False, True])
 @torch.no_grad()
-def test_matches_naive_per_edge_bipartite(num_src, num_dst):
+def test_matches_naive_per_edge_bipartite(num_src, num_dst, sum_first):
     torch.manual_seed(0)
     conv = EdgeNodeConv(D, hidden=10).eval()
     x_src, x_dst, edge_index, e = random_bipartite(num_src, num_dst)
-    (out_src, out_dst), out_e = conv((x_src, x_dst), edge_index, e)
+    (out_src, out_dst), out_e = conv((x_src, x_dst), edge_index, e, sum_first=sum_first)
     ref_src, ref_dst, ref_e = naive_edge_node_conv(conv, x_src, x_dst, edge_index, e)
     assert torch.allclose(out_e, ref_e, atol=1e-5)
     assert torch.allclose(out_src, ref_src, atol=1e-5)
     assert torch.allclose(out_dst, ref_dst, atol=1e-5)
 
 
+@pytest.mark.parametrize("sum_first", [False, True])
 @torch.no_grad()
-def test_matches_naive_per_edge_single_node_set():
+def test_matches_naive_per_edge_single_node_set(sum_first):
     torch.manual_seed(1)
     conv = EdgeNodeConv(D).eval()
     g = torch.Generator().manual_seed(3)
     x = torch.randn(6, D, generator=g)
     edge_index = torch.tensor([[0, 1, 2, 3, 0], [3, 4, 5, 1, 5]])
     e = torch.randn(5, D, generator=g)
-    out, out_e = conv(x, edge_index, e)
+    out, out_e = conv(x, edge_index, e, sum_first=sum_first)
     ref, _, ref_e = naive_edge_node_conv(conv, x, x, edge_index, e, same_set=True)
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(out_e, ref_e, atol=1e-5)

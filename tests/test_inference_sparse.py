@@ -25,10 +25,11 @@ def tower(norm=False):
 
 @pytest.mark.parametrize("norm", [False, True])
 @pytest.mark.parametrize("dense_fraction", [0.0, 0.5, 1.0])
-def test_tower_at_cells_equals_the_dense_tower(norm, dense_fraction):
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_tower_at_cells_equals_the_dense_tower(norm, dense_fraction, layout):
     torch.manual_seed(0)
     net = tower(norm)
-    x = torch.randn(1, 4, 9, 13)
+    x = torch.randn(1, 4, 9, 13).contiguous(memory_format=layout)  # fused maps: channels-last
     # Corners and edges exercise the zero padding; a repeated cell is allowed.
     cells = torch.tensor([[0, 0], [8, 12], [0, 12], [8, 0], [4, 6], [4, 7], [4, 6], [1, 11]])
     dense = net(x)[0, :, cells[:, 0], cells[:, 1]].t()  # [N, 5]
@@ -167,23 +168,56 @@ def test_sparse_heads_default_to_cpu_and_tracking_is_unchanged():
     assert [[r[3] for r in f] for f in results[False]] == [[r[3] for r in f] for f in results[None]]
 
 
-@torch.no_grad()
-def test_gnn_without_the_last_reference_update_gives_the_same_maps_and_edges():
+def three_reference_graph(centers: list[list[float]]):
+    """Two levels of 8 channels, three references at ``centers`` (x, y), windows 5 and 3."""
     from visstg.model.graph import build_graph
 
-    torch.manual_seed(4)
-    gnn = SpatialTemporalGNN(8, 3)
     feats = [torch.randn(1, 8, 10, 12), torch.randn(1, 8, 5, 6)]
     graph = build_graph(
-        torch.randn(3, 2, 8), torch.tensor([[20.0, 30.0], [60, 10], [80, 70]]),
-        torch.zeros(3, dtype=torch.long), feats, (8, 16), (5, 3),
+        torch.randn(3, 2, 8), torch.tensor(centers), torch.zeros(3, dtype=torch.long), feats,
+        (8, 16), (5, 3),
     )  # fmt: skip
+    return feats, graph
+
+
+@torch.no_grad()
+def test_gnn_without_the_last_reference_update_gives_the_same_maps_and_edges():
+    torch.manual_seed(4)
+    gnn = SpatialTemporalGNN(8, 3)
+    feats, graph = three_reference_graph([[20.0, 30.0], [60, 10], [80, 70]])
     full, lean = gnn(graph), gnn(graph, ref_features=False)
     assert graph.edge_index.shape[1] > 0
     for a, b in zip(full["maps"], lean["maps"]):
         assert torch.equal(a, b)
     assert torch.equal(full["edge_attr"], lean["edge_attr"])
     assert not torch.equal(full["x_ref"], lean["x_ref"])  # the skipped (unread) update
+
+
+def test_gnn_on_the_pixels_with_an_edge_gives_the_same_outputs():
+    """``compact=True`` (inference) runs the layers on the pixels that have an edge and writes
+    them back: the same maps, edge and reference features; edgeless pixels keep their input."""
+    from visstg.model.graph import build_graph
+
+    torch.manual_seed(5)
+    gnn = SpatialTemporalGNN(8, 2)
+    # Overlapping windows: some pixels have edges to two references.
+    feats, graph = three_reference_graph([[20.0, 30.0], [36, 30], [80, 70]])
+    dst = graph.edge_index[1]
+    assert dst.unique().numel() < dst.numel() and dst.unique().numel() < graph.x_pix.shape[0]
+    full, compact = gnn(graph), gnn(graph, compact=True)
+    for key in ("x_pix", "x_ref", "edge_attr"):
+        torch.testing.assert_close(compact[key], full[key], rtol=1e-5, atol=1e-6)
+    for a, b in zip(full["maps"], compact["maps"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    untouched = torch.ones(graph.x_pix.shape[0], dtype=torch.bool)
+    untouched[dst] = False
+    assert torch.equal(compact["x_pix"][untouched], graph.x_pix[untouched])
+    assert not torch.allclose(compact["x_pix"][~untouched], graph.x_pix[~untouched])
+    empty = build_graph(
+        torch.zeros(0, 2, 8), torch.zeros(0, 2), torch.zeros(0), feats, (8, 16), (5, 3)
+    )
+    for a, b in zip(gnn(empty, compact=True)["maps"], feats):
+        assert torch.equal(a, b)
 
 
 def test_edge_scores_from_a_classifier_of_some_edges_equal_the_full_logits():
@@ -197,8 +231,8 @@ def test_edge_scores_from_a_classifier_of_some_edges_equal_the_full_logits():
     captured = {}
     real_gnn = net.gnn.forward
 
-    def gnn_spy(graph, ref_features=True):
-        result = real_gnn(graph, ref_features)
+    def gnn_spy(graph, **kwargs):
+        result = real_gnn(graph, **kwargs)
         captured.update(graph=graph, edge_attr=result["edge_attr"])
         return result
 
@@ -236,3 +270,20 @@ def test_edge_class_agnostic_scores_detections_of_other_classes(sparse):
     assert same.any() and (~same).any() and (scores[True][~same] > 0).any()
     assert (scores[False][~same] == 0).all()
     torch.testing.assert_close(scores[False], torch.where(same, scores[True], 0.0))
+
+
+@torch.no_grad()
+def test_the_permuted_conv_weight_follows_weight_updates():
+    """The tap-major weight kept on a conv between frames is rebuilt when the weight changes
+    (an in-place update, a new tensor): results always match the dense conv."""
+    torch.manual_seed(6)
+    net = tower(False)
+    x, cells = torch.randn(1, 4, 9, 13), torch.tensor([[0, 0], [4, 6], [8, 12]])
+    for update in (None, "in_place", "replace"):
+        conv = net[0]
+        if update == "in_place":
+            conv.weight.mul_(-2.0)
+        elif update == "replace":
+            conv.weight = nn.Parameter(torch.randn_like(conv.weight))
+        dense = net(x)[0, :, cells[:, 0], cells[:, 1]].t()
+        torch.testing.assert_close(tower_at_cells(list(net), x, cells), dense, rtol=1e-5, atol=1e-6)

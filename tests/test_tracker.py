@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from visstg.tracker import OnlineTracker, TrackerConfig, encode_masks
@@ -216,3 +217,17 @@ def test_results_reproducing_the_ground_truth_score_ap_one() -> None:
     metrics = evaluate(gt, results_for_video(tracks, 7, categories))
     for key in ("AP", "AP50", "AP75", "AR1", "AR10", "AR100"):
         assert metrics[key] == pytest.approx(1.0), key
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.9, 1.0])
+def test_encoded_masks_threshold_the_mask_probability(threshold):
+    """``encode_masks`` compares the logits with logit(threshold): the masks of
+    ``sigmoid(logits) > threshold``, also at the thresholds 0 and 1."""
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 8) * 4
+    logits[0, 0, :3] = torch.tensor([-200.0, 200.0, 0.0])  # saturated sigmoids and p = 0.5
+    rles = encode_masks(logits, (24, 32), (24, 32), mask_stride=4, threshold=threshold)
+    up = F.interpolate(logits[None], size=(24, 32), mode="bilinear")[0]
+    want = (up.sigmoid() > threshold).numpy().astype(np.uint8)
+    got = np.stack([mask_utils.decode(r) for r in rles])
+    assert np.array_equal(got, want)

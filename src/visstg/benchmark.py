@@ -117,7 +117,11 @@ def build_model(cfg: DictConfig, device: str):
 
         loaded = load_checkpoint(cfg.ckpt_path, device)
         return loaded.net, loaded.config.get("model", {}), loaded.config.get("tracker") or {}
+    import torch
+
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    # The same random weights every run: where the detections land sets the mask and GNN work.
+    torch.manual_seed(int(cfg.seed))
     net = hydra.utils.instantiate(model_cfg)
     return net.to(device).eval(), model_cfg, OmegaConf.to_container(cfg.tracker, resolve=True)
 
@@ -370,6 +374,7 @@ def benchmark(cfg: DictConfig) -> dict[str, Any]:
             "fuse_norms": cfg.fuse_norms,
             "compile": cfg.compile,
             "ckpt_path": cfg.ckpt_path,
+            "seed": None if cfg.ckpt_path else cfg.seed,
             "tracker": run_cfg,
             "model": model_cfg,
         },

@@ -17,6 +17,7 @@ does not grow with the video's length.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -146,9 +147,17 @@ def encode_masks(
         logits = F.interpolate(logits[None], size=orig_size, mode="bilinear")[0]  # [D, H, W]
     # [D, W, H] C-contiguous is [H, W, D] Fortran-contiguous, the layout pycocotools wants, so
     # the transpose happens on the (small, binary) device tensor and the host copy is the last.
-    masks = (logits.sigmoid() > threshold).to(torch.uint8).transpose(1, 2).contiguous()
+    masks = _above(logits, threshold).to(torch.uint8).transpose(1, 2).contiguous()
     rles = mask_utils.encode(masks.cpu().numpy().transpose(2, 1, 0))
     return [{"size": r["size"], "counts": r["counts"].decode()} for r in rles]
+
+
+def _above(logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``sigmoid(logits) > threshold`` as ``logits > log(t / (1 - t))`` for ``0 < t < 1``: the
+    same test (the sigmoid is increasing) without a pass of exponentials over every pixel."""
+    if 0.0 < threshold < 1.0:
+        return logits > math.log(threshold / (1.0 - threshold))
+    return logits.sigmoid() > threshold
 
 
 class OnlineTracker:

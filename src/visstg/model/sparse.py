@@ -103,22 +103,40 @@ def _taps(cells: Tensor, k: int, h: int, w: int) -> tuple[Tensor, Tensor]:
     return (ys * w + xs).reshape(cells.shape[0], -1), inside.reshape(cells.shape[0], -1)
 
 
+def _tap_major_weight(conv: nn.Conv2d) -> Tensor:
+    """``conv.weight`` as ``[C_out, k * k * C]`` in the patches' tap-major order. Without
+    gradients the permuted copy is kept on the module until the weight changes (its storage or
+    version), since inference asks for it every frame."""
+    weight = conv.weight
+    if torch.is_grad_enabled():
+        return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+    key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+    cached = conv.__dict__.get("_tap_major")
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().permute(0, 2, 3, 1).reshape(weight.shape[0], -1))
+        conv.__dict__["_tap_major"] = cached
+    return cached[1]
+
+
 def _conv_at(conv: nn.Conv2d, act: Tensor | _Cells, cells: Tensor, h: int, w: int) -> Tensor:
     """``conv(x[None])[0][:, y, x]`` at ``cells [n, 2]`` as ``[n, C_out]`` (im2col + matmul).
 
     ``act`` is the input map, dense ``[C, H, W]`` or a :class:`_Cells`; it must hold the right
-    values on every cell within ``k // 2`` of the requested ones (no other cell is read)."""
+    values on every cell within ``k // 2`` of the requested ones (no other cell is read). The
+    patches are gathered as rows of C channels, tap-major (``[n, k * k, C]``): contiguous rows of
+    a channels-last map (the GNN's fused maps are one) or of :class:`_Cells`, and the weight is
+    permuted to match."""
     k, n = conv.kernel_size[0], cells.shape[0]
     flat, inside = _taps(cells, k, h, w)  # [n, k*k]
     if isinstance(act, _Cells):
         rows = act.lookup[flat.clamp(0, h * w - 1)].masked_fill(~inside, act.padded.shape[0] - 1)
         patches = act.padded[rows]  # [n, k*k, C]
-        patches = patches.transpose(1, 2).reshape(n, -1)  # [n, C*k*k]
     else:
-        c = act.shape[0]
-        patches = act.reshape(c, h * w)[:, flat.clamp(0, h * w - 1)]  # [C, n, k*k]
-        patches = (patches * inside.to(patches.dtype)).transpose(0, 1).reshape(n, -1)
-    weight = conv.weight.reshape(conv.out_channels, -1).to(patches.dtype)  # [C_out, C*k*k]
+        table = act.permute(1, 2, 0).reshape(h * w, act.shape[0])  # [H*W, C]
+        patches = table[flat.clamp(0, h * w - 1)]  # [n, k*k, C]
+        patches.masked_fill_(~inside[..., None], 0)  # the conv's zero padding
+    patches = patches.reshape(n, -1)  # [n, k*k*C]
+    weight = _tap_major_weight(conv).to(patches.dtype)  # [C_out, k*k*C]
     if conv.bias is None:
         return patches @ weight.t()  # [n, C_out]
     return torch.addmm(conv.bias.to(patches.dtype), patches, weight.t())

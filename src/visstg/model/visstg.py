@@ -337,12 +337,18 @@ class VisSTG(nn.Module):
         return upsample_mask_logits(logits, self.mask_upsample)
 
     def _fuse(
-        self, graph, f_t: Sequence[Tensor], f_k: Sequence[Tensor], ref_features: bool = True
+        self,
+        graph,
+        f_t: Sequence[Tensor],
+        f_k: Sequence[Tensor],
+        ref_features: bool = True,
+        compact: bool = False,
     ) -> dict[str, Any]:
         """F^_t (``maps``) and, for ``"relation"``, the final edge features (``edge_attr``);
-        ``ref_features=False`` lets the GNN skip the last update of the reference nodes."""
+        ``ref_features=False`` lets the GNN skip the last update of the reference nodes,
+        ``compact=True`` run on the pixels that have an edge only (the same maps and edges)."""
         if self.fusion == "relation":
-            return self.gnn(graph, ref_features=ref_features)
+            return self.gnn(graph, ref_features=ref_features, compact=compact)
         if self.fusion == "concat":
             return {"maps": self.concat_fusion(f_t, f_k)}
         return {"maps": list(f_t)}  # "none": the backbone maps themselves
@@ -520,9 +526,9 @@ class VisSTG(nn.Module):
             ``new_state``: ``feats`` and ``kernels`` of this frame (fixed size, no per-track data).
 
         The heads read at a few cells (size, offset, controller, warp offsets, edge classifier,
-        theta_{t-1}) are evaluated only there when ``self.sparse_heads`` (default: on CPU);
-        the outputs are the dense computation's up to float summation order
-        (tests/test_inference_sparse.py).
+        theta_{t-1}) are evaluated only there, and the GNN layers on the pixels that have an
+        edge, when ``self.sparse_heads`` (default: on CPU); the outputs are the dense
+        computation's up to float summation order (tests/test_inference_sparse.py).
         """
         if image.dim() != 4 or image.shape[0] != 1:
             raise ValueError(
@@ -563,11 +569,13 @@ class VisSTG(nn.Module):
         # The reference frame's maps for concat fusion and the offset head (the frame itself
         # on the first frame, where there is no track to associate with anyway).
         f_prev = state["feats"] if state is not None else f_t
+        sparse = self.sparse_heads if self.sparse_heads is not None else device.type == "cpu"
         with timer.stage("gnn"):
             # Nothing reads the reference nodes after the last GNN layer: skip their update.
-            fused = self._fuse(graph, f_t, f_prev, ref_features=False)
+            # Only the pixels with an edge change: with the sparse heads the layers run on those
+            # (finding them needs their count on the host, a sync on a GPU).
+            fused = self._fuse(graph, f_t, f_prev, ref_features=False, compact=sparse)
             maps = fused["maps"]
-        sparse = self.sparse_heads if self.sparse_heads is not None else device.type == "cpu"
         with timer.stage("detection"):
             regress = None
             if sparse:
