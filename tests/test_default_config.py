@@ -91,6 +91,12 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert model["mask_branch"]["upsample"] == 1 and model["head_autocast"] is None
     assert model["mask_negative_slope"] == 0.0  # CondInst's ReLU
     assert not model["mask_branch"]["fine"] and not model["backbone"]["fine_level"]
+    # The paper's F^d_t: one 1x1 conv of the fused P3; CondInst's branch one choice away.
+    assert model["mask_branch"]["_target_"].endswith(".ProjectionMaskBranch")
+    condinst = resolved(compose("train", ["+experiment=r50", "mask_branch=condinst"]))["model"]
+    assert condinst["mask_branch"]["_target_"].endswith(".MaskBranch")
+    assert condinst["mask_branch"]["channels"] == 128 and not condinst["mask_branch"]["norm"]
+    assert not condinst["mask_branch"]["fine"] and condinst["mask_branch"]["num_convs"] == 4
     assert cfg["criterion"]["mask_bce"] == 0.0
     assert cfg["tracker"]["score_threshold"] == 0.1
     assert cfg["tracker"]["match_threshold"] == 0.5

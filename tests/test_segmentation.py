@@ -8,6 +8,7 @@ from visstg.model.losses import box_bce_loss, dice_loss, downsample_masks
 from visstg.model.segmentation import (
     Controller,
     MaskBranch,
+    ProjectionMaskBranch,
     dynamic_mask_head,
     gather_at_cells,
     num_dynamic_params,
@@ -28,7 +29,7 @@ def test_mask_branch_stride_8_output():
     mb = MaskBranch(in_channels=16, channels=8, out_channels=8, num_convs=2)
     feats = [torch.randn(2, 16, 8, 12), torch.randn(2, 16, 4, 6), torch.randn(2, 16, 2, 3)]
     assert mb(feats + [torch.randn(2, 16, 1, 2)]).shape == (2, 8, 8, 12)
-    with pytest.raises(ValueError, match="levels"):
+    with pytest.raises(ValueError, match=r"needs 3 level\(s\)"):
         mb(feats[:2])
 
 
@@ -261,3 +262,26 @@ def test_box_bce_loss_is_the_mean_bce_over_the_cells_each_box_overlaps():
     assert loss.item() == 0 and loss.requires_grad
     with pytest.raises(ValueError, match="box_bce_loss"):
         box_bce_loss(logits, targets, boxes[:1])
+
+
+def test_projection_mask_branch_is_one_1x1_conv_of_p3():
+    """The paper's F^d_t (3.4): a 1x1 conv of the fused P3 to 8 channels; coarser levels unread.
+    ``upsample`` and ``fine`` behave as in CondInst's branch."""
+    feats = [torch.randn(2, 16, 8, 12), torch.randn(2, 16, 4, 6)]
+    pb = ProjectionMaskBranch(in_channels=16, out_channels=8)
+    assert [type(m) for m in pb.modules()][1:] == [torch.nn.Conv2d]
+    torch.testing.assert_close(pb(feats), pb.proj(feats[0]))
+    assert pb(feats).shape == (2, 8, 8, 12)
+    assert torch.equal(pb(feats), pb(feats[:1]))
+    fine_map = torch.randn(2, 16, 16, 24)
+    fine = ProjectionMaskBranch(16, 8, upsample=2, fine=True, channels=4, norm=True)
+    fine.proj.load_state_dict(pb.proj.state_dict())
+    up = F.interpolate(pb(feats), scale_factor=2, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(fine(feats, fine_map), up + fine.fine(fine_map))
+    assert fine.fine[0].out_channels == 4 and isinstance(fine.fine[1], torch.nn.GroupNorm)
+    with pytest.raises(ValueError, match="ProjectionMaskBranch: a stride-4 map"):
+        pb(feats, fine_map)
+    with pytest.raises(ValueError, match="ProjectionMaskBranch: fine=True"):
+        ProjectionMaskBranch(16, 8, fine=True)
+    with pytest.raises(ValueError, match=r"ProjectionMaskBranch needs 1 level\(s\)"):
+        pb([])

@@ -16,7 +16,7 @@ from visstg.model.gnn import SpatialTemporalGNN
 from visstg.model.graph import GraphBuilder
 from visstg.model.losses import box_bce_loss, downsample_masks
 from visstg.model.propagation import KernelWarp
-from visstg.model.segmentation import Controller, MaskBranch
+from visstg.model.segmentation import Controller, MaskBranch, ProjectionMaskBranch
 from visstg.model.tracking import EdgeClassifier
 from visstg.model.visstg import _as_ranges
 
@@ -353,6 +353,7 @@ def test_r50_experiment_is_the_paper_model():
     assert net.num_classes == 40 and net.det_head.num_classes == 40
     assert net.size_ranges == ((0, 64), (64, 128), (128, 256), (256, 512), (512, math.inf))
     assert len(net.gnn.layers) == 3 and net.graph.windows == (9, 7, 5, 3, 3)
+    assert isinstance(net.mask_branch, ProjectionMaskBranch)  # the paper's 1x1 conv of P3
     assert cfg.data.batch_size == 16 and cfg.trainer.max_epochs == 24
     assert list(cfg.scheduler.milestones) == [16, 22] and cfg.optimizer.lr == 0.01
     assert compose("train", ["+experiment=r50"]).model.backbone.weights == "imagenet"

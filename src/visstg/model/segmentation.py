@@ -33,6 +33,7 @@ __all__ = [
     "Controller",
     "LazyKernelMaps",
     "MaskBranch",
+    "ProjectionMaskBranch",
     "dynamic_mask_head",
     "gather_at_cells",
     "num_dynamic_params",
@@ -160,32 +161,104 @@ class LazyKernelMaps(Sequence[Tensor]):
             return self.controller.on_mask(self.feats[level], mask)
 
 
-class MaskBranch(nn.Module):
-    """Shared mask features from P3-P5 at stride 8 (or finer with ``upsample``).
+class _MaskFeatures(nn.Module):
+    """What every mask branch shares: its stride-8 features (``_stride8``, from P3 first), then
+    the resize to the output stride and the optional stride-4 detail of the backbone's C2 map.
 
-    Each of the first ``num_levels`` levels gets a 3x3 conv (``in_channels -> channels``) + ReLU;
-    coarser levels are upsampled (bilinear) to P3's size and summed; then ``num_convs`` 3x3 conv
-    + ReLU layers and a 1x1 conv to ``out_channels``. ``norm`` adds GroupNorm after every 3x3
-    conv (CondInst normalises its mask branch; off by default, the paper does not say).
     ``upsample`` > 1 resizes the ``out_channels`` features bilinearly (``align_corners=False``,
     which keeps the cell-centre convention) to stride ``8 / upsample``, so the dynamic head runs
     on a finer grid of relative coordinates and draws sharper boundaries than upsampled logits;
     the model's ``mask_feat_stride`` must say the same stride.
 
     ``fine`` (needs ``upsample`` 2 or 4) adds real stride-4 detail: the forward also takes a
-    stride-4 map (``ResNetFPN(fine_level=True)``'s C2 lateral), which goes through one 3x3 conv +
-    ReLU (GroupNorm with ``norm``) and a 1x1 conv to ``out_channels``, and is added to the output
-    upsampled to stride 4; with ``upsample=4`` that sum is then resized bilinearly to stride 2,
-    where the dynamic head draws the mask from it and relative coordinates of a stride-2 grid.
-    Upsampled stride-8 features can only hold what a stride-8 grid holds: on the synthetic
-    data at the then-default 128-pixel input, ground-truth masks seen through a stride-8 grid reach
-    IoU 0.41 for rings and 0.56-0.77 for the other shapes, through a stride-4 grid 0.78-0.90
-    (scripts/mask_oracle.py); conf/head/default.yaml has what it changed in training.
+    stride-4 map (``ResNetFPN(fine_level=True)``'s C2 lateral), which goes through one 3x3 conv
+    (``in_channels -> channels``) + ReLU (GroupNorm with ``norm``) and a 1x1 conv to
+    ``out_channels``, and is added to the output upsampled to stride 4; with ``upsample=4`` that
+    sum is then resized bilinearly to stride 2, where the dynamic head draws the mask from it and
+    relative coordinates of a stride-2 grid. Upsampled stride-8 features can only hold what a
+    stride-8 grid holds: on the synthetic data at the then-default 128-pixel input, ground-truth
+    masks seen through a stride-8 grid reach IoU 0.41 for rings and 0.56-0.77 for the other
+    shapes, through a stride-4 grid 0.78-0.90 (scripts/mask_oracle.py); conf/mask_branch/ has
+    what it changed in training.
 
     Shapes:
         input: list over levels of ``[B, in_channels, H_l, W_l]`` (at least ``num_levels``),
         and with ``fine`` ``[B, in_channels, 2 * H_3, 2 * W_3]``.
         output: ``[B, out_channels, upsample * H_3, upsample * W_3]`` (stride 8 / upsample).
+    """
+
+    num_levels = 1
+
+    def __init__(self, upsample: int, fine: bool) -> None:
+        super().__init__()
+        name = type(self).__name__
+        if upsample < 1:
+            raise ValueError(f"{name}: upsample must be >= 1, got {upsample}")
+        if fine and upsample not in (2, 4):
+            raise ValueError(
+                f"{name}: fine=True adds a stride-4 map, so upsample must be 2 (output at "
+                f"stride 4) or 4 (the sum resized to stride 2), got {upsample}"
+            )
+        self.upsample = upsample
+        self.fine: nn.Module | None = None
+
+    def _finish(
+        self, fine: bool, in_channels: int, channels: int, out_channels: int, norm: bool
+    ) -> None:
+        """Add the stride-4 path (after the subclass's own layers, so that parameters are
+        created and initialised in a fixed order) and initialise every conv."""
+        if fine:
+            self.fine = nn.Sequential(
+                *_conv_norm_relu(in_channels, channels, norm), nn.Conv2d(channels, out_channels, 1)
+            )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def _stride8(self, feats: Sequence[Tensor]) -> Tensor:
+        """``[B, out_channels, H_3, W_3]`` from the first ``num_levels`` levels."""
+        raise NotImplementedError
+
+    def forward(self, feats: Sequence[Tensor], fine: Tensor | None = None) -> Tensor:
+        name = type(self).__name__
+        if (fine is None) != (self.fine is None):
+            raise ValueError(
+                f"{name}: a stride-4 map is passed exactly when the branch was built with "
+                f"fine=True (built with fine={self.fine is not None}, map given: {fine is not None})"
+            )
+        if len(feats) < self.num_levels:
+            raise ValueError(f"{name} needs {self.num_levels} level(s), P3 first; got {len(feats)}")
+        x = self._stride8(feats)  # [B, out_channels, H_3, W_3]
+        # With a stride-4 map, its detail joins at stride 4 and any further resize follows.
+        first = 2 if fine is not None else self.upsample
+        if first > 1:
+            x = F.interpolate(x, scale_factor=first, mode="bilinear", align_corners=False)
+        if fine is not None:
+            if fine.shape[-2:] != x.shape[-2:]:
+                raise ValueError(
+                    f"{name}: the stride-4 map is {tuple(fine.shape[-2:])}, the upsampled "
+                    f"P3 is {tuple(x.shape[-2:])}; pad the input to a multiple of 32"
+                )
+            x = x + self.fine(fine)  # [B, out_channels, 2 H_3, 2 W_3]
+            if self.upsample > 2:
+                x = F.interpolate(
+                    x, scale_factor=self.upsample // 2, mode="bilinear", align_corners=False
+                )
+        return x
+
+
+class MaskBranch(_MaskFeatures):
+    """CondInst's mask branch: shared mask features from P3-P5 at stride 8 (or finer with
+    ``upsample``).
+
+    Each of the first ``num_levels`` levels gets a 3x3 conv (``in_channels -> channels``) + ReLU;
+    coarser levels are upsampled (bilinear) to P3's size and summed; then ``num_convs`` 3x3 conv
+    + ReLU layers and a 1x1 conv to ``out_channels``. ``norm`` adds GroupNorm after every 3x3
+    conv (CondInst normalises its mask branch; off by default, the paper does not say).
+    ``upsample`` and ``fine``: see :class:`_MaskFeatures`. The paper's own description is a
+    single 1x1 conv (:class:`ProjectionMaskBranch`).
     """
 
     def __init__(
@@ -199,16 +272,8 @@ class MaskBranch(nn.Module):
         upsample: int = 1,
         fine: bool = False,
     ):
-        super().__init__()
-        if upsample < 1:
-            raise ValueError(f"MaskBranch: upsample must be >= 1, got {upsample}")
-        if fine and upsample not in (2, 4):
-            raise ValueError(
-                "MaskBranch: fine=True adds a stride-4 map, so upsample must be 2 (output at "
-                f"stride 4) or 4 (the sum resized to stride 2), got {upsample}"
-            )
+        super().__init__(upsample, fine)
         self.num_levels = num_levels
-        self.upsample = upsample
         self.refine = nn.ModuleList(
             nn.Sequential(*_conv_norm_relu(in_channels, channels, norm)) for _ in range(num_levels)
         )
@@ -217,48 +282,41 @@ class MaskBranch(nn.Module):
             tower += _conv_norm_relu(channels, channels, norm)
         tower.append(nn.Conv2d(channels, out_channels, 1))
         self.tower = nn.Sequential(*tower)
-        self.fine = None
-        if fine:
-            self.fine = nn.Sequential(
-                *_conv_norm_relu(in_channels, channels, norm), nn.Conv2d(channels, out_channels, 1)
-            )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        self._finish(fine, in_channels, channels, out_channels, norm)
 
-    def forward(self, feats: Sequence[Tensor], fine: Tensor | None = None) -> Tensor:
-        if (fine is None) != (self.fine is None):
-            raise ValueError(
-                "MaskBranch: a stride-4 map is passed exactly when the branch was built with "
-                f"fine=True (built with fine={self.fine is not None}, map given: {fine is not None})"
-            )
-        if len(feats) < self.num_levels:
-            raise ValueError(
-                f"MaskBranch needs {self.num_levels} levels (P3 first), got {len(feats)}"
-            )
+    def _stride8(self, feats: Sequence[Tensor]) -> Tensor:
         x = self.refine[0](feats[0])  # [B, channels, H_3, W_3]
         for refine, f in zip(self.refine[1:], feats[1 : self.num_levels]):
             y = refine(f)
             x = x + F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        x = self.tower(x)  # [B, out_channels, H_3, W_3]
-        # With a stride-4 map, its detail joins at stride 4 and any further resize follows.
-        first = 2 if fine is not None else self.upsample
-        if first > 1:
-            x = F.interpolate(x, scale_factor=first, mode="bilinear", align_corners=False)
-        if fine is not None:
-            if fine.shape[-2:] != x.shape[-2:]:
-                raise ValueError(
-                    f"MaskBranch: the stride-4 map is {tuple(fine.shape[-2:])}, the upsampled "
-                    f"P3 is {tuple(x.shape[-2:])}; pad the input to a multiple of 32"
-                )
-            x = x + self.fine(fine)  # [B, out_channels, 2 H_3, 2 W_3]
-            if self.upsample > 2:
-                x = F.interpolate(
-                    x, scale_factor=self.upsample // 2, mode="bilinear", align_corners=False
-                )
-        return x
+        return self.tower(x)  # [B, out_channels, H_3, W_3]
+
+
+class ProjectionMaskBranch(_MaskFeatures):
+    """The paper's mask features (3.4, Eq. 4-5): "F^d_t is generated from F^_t by 1 x 1
+    convolution to reduce the channel dimension to 8", i.e. one 1x1 conv of the fused P3
+    (``in_channels -> out_channels``), no hidden layers.
+
+    ``upsample`` and ``fine`` as in :class:`_MaskFeatures` (``channels`` and ``norm`` size the
+    ``fine`` path only). On a 360x640 ResNet-50 frame it costs ~0.1 ms where CondInst's branch
+    (:class:`MaskBranch`, 128 channels) costs ~34 ms on 2 CPU cores (docs/benchmarks.md).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 256,
+        out_channels: int = 8,
+        upsample: int = 1,
+        fine: bool = False,
+        channels: int = 128,
+        norm: bool = False,
+    ):
+        super().__init__(upsample, fine)
+        self.proj = nn.Conv2d(in_channels, out_channels, 1)
+        self._finish(fine, in_channels, channels, out_channels, norm)
+
+    def _stride8(self, feats: Sequence[Tensor]) -> Tensor:
+        return self.proj(feats[0])
 
 
 def parse_dynamic_params(
