@@ -334,8 +334,8 @@ def test_embedding_and_offset_track_through_the_tracker_and_results_writer(
     seen = []
     step = net.inference_step
 
-    def spy(image, state=None, references=None, image_size=None):
-        out, new_state = step(image, state, references, image_size)
+    def spy(image, state=None, references=None, image_size=None, min_score=0.0):
+        out, new_state = step(image, state, references, image_size, min_score)
         seen.append((len((references or {}).get("memory_labels", [])), out["edge_scores"]))
         return out, new_state
 

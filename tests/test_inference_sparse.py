@@ -181,6 +181,32 @@ def three_reference_graph(centers: list[list[float]]):
 
 
 @torch.no_grad()
+def test_tracker_threshold_skips_detections_without_changing_the_tracks():
+    """The tracker passes its score_threshold as ``min_score``: the model computes masks, edge
+    scores and node features for fewer detections, and the tracks are the same as when it
+    decodes everything above its own lower ``score_thresh``."""
+    net = random_net(topk=12, score_thresh=0.0)
+    step = net.inference_step
+    # The random heads score every peak ~0.62: a threshold inside that band keeps some.
+    cfg = TrackerConfig(score_threshold=0.622, new_track_threshold=0.622, match_threshold=0.3)
+    results, decoded = {}, {}
+    for passed in (True, False):
+        counts = []
+
+        def spy(*args, min_score=0.0, passed=passed, counts=counts, **kwargs):
+            out, state = step(*args, min_score=min_score if passed else 0.0, **kwargs)
+            counts.append(out["scores"].numel())
+            return out, state
+
+        net.inference_step = spy
+        tracker = OnlineTracker(net, cfg)
+        results[passed] = [tracker.step(f, (H, W), (H, W)) for f in frames()]
+        decoded[passed] = counts
+    assert results[True] == results[False] and any(results[True])
+    assert sum(decoded[True]) < sum(decoded[False])
+
+
+@torch.no_grad()
 def test_gnn_without_the_last_reference_update_gives_the_same_maps_and_edges():
     torch.manual_seed(4)
     gnn = SpatialTemporalGNN(8, 3)

@@ -24,7 +24,7 @@ class ScriptedModel:
         self.seen_refs: list[int] = []
         self.seen_lost_kernels: list[int] = []
 
-    def inference_step(self, image, state=None, references=None, image_size=None):
+    def inference_step(self, image, state=None, references=None, image_size=None, min_score=0):
         dets = self.script[self.t]
         self.t += 1
         refs = references or {}
@@ -107,7 +107,7 @@ def test_model_declared_track_state_is_carried() -> None:
     class WithEmbeddings(ScriptedModel):
         track_state_keys = ("embeddings",)
 
-        def inference_step(self, image, state=None, references=None, image_size=None):
+        def inference_step(self, image, state=None, references=None, image_size=None, min_score=0):
             self.got = (references or {}).get("memory_embeddings")
             self.got_boxes = (references or {}).get("memory_boxes")
             out, state = super().inference_step(image, state, references, image_size)
@@ -179,7 +179,7 @@ def test_results_reproducing_the_ground_truth_score_ap_one() -> None:
     class FullResolution(ScriptedModel):
         mask_stride = 1  # masks at input resolution: no resampling in encode_masks
 
-        def inference_step(self, image, state=None, references=None, image_size=None):
+        def inference_step(self, image, state=None, references=None, image_size=None, min_score=0):
             out, state = super().inference_step(image, state, references, image_size)
             out["masks"] = torch.stack(
                 [torch.from_numpy(box_mask(*map(int, b), h=H, w=W)).float() * 20 - 10 for b in out["boxes"]]

@@ -51,6 +51,7 @@ class InferenceModel(Protocol):
     The outputs (Dn detections) used here: ``boxes [Dn, 4]`` xyxy input px, ``scores [Dn]``,
     ``labels [Dn]``, ``levels [Dn]``, ``cells [Dn, 2]``, ``masks [Dn, H/4, W/4]`` logits,
     ``edge_scores [R, Dn]`` (0 where no edge), ``node_features [Dn, L, D]``, ``kernels [Dn, P]``.
+    ``min_score``: detections scoring below it may be left out (the tracker discards them).
     """
 
     def inference_step(
@@ -59,6 +60,7 @@ class InferenceModel(Protocol):
         state: Any = None,
         references: dict[str, torch.Tensor] | None = None,
         image_size: tuple[int, int] | None = None,
+        min_score: float = 0.0,
     ) -> tuple[dict[str, torch.Tensor], Any]: ...
 
 
@@ -221,7 +223,10 @@ class OnlineTracker:
         refs = self.references()
         if refs is not None:
             refs = {k: v.to(image.device) for k, v in refs.items()}
-        out, self.state = self.model.inference_step(image, self.state, refs, image_size=valid_size)
+        # Detections under score_threshold are discarded below: the model skips their masks.
+        out, self.state = self.model.inference_step(
+            image, self.state, refs, image_size=valid_size, min_score=self.cfg.score_threshold
+        )
         timer = getattr(self.model, "timer", NULL_TIMER)
         with timer.stage("association"):
             scores = out["scores"]

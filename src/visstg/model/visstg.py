@@ -494,6 +494,7 @@ class VisSTG(nn.Module):
         state: dict[str, Any] | None = None,
         references: dict[str, Tensor] | None = None,
         image_size: tuple[int, int] | None = None,
+        min_score: float = 0.0,
     ) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """Process one frame of an online pass.
 
@@ -511,6 +512,10 @@ class VisSTG(nn.Module):
                 into theta_{t-1} before warping, ``memory_kernels [K, 169]`` with
                 ``memory_levels [K]`` and ``memory_cells [K, 2]`` (y, x).
             image_size: ``(h, w)`` of the valid region (default: the whole image).
+            min_score: also drop detections scoring below this (on top of ``score_thresh``)
+                before masks, edge scores and node features are computed: the tracker passes
+                its ``score_threshold``, below which it discards them anyway. The detections
+                kept are the same either way (a box is suppressed by higher-scored ones only).
 
         Returns:
             ``(outputs, new_state)``. ``outputs`` (Dn detections, R = A + K references, active
@@ -587,8 +592,9 @@ class VisSTG(nn.Module):
             det = {k: [t.float() for t in v] for k, v in det.items()}
             sizes = torch.tensor([[h, w]], device=device)
             dets = decode_detections(
-                det, self.strides, sizes, self.topk, self.nms_thresh, self.score_thresh,
-                regress=regress, class_agnostic=self.nms_class_agnostic,
+                det, self.strides, sizes, self.topk, self.nms_thresh,
+                max(self.score_thresh, min_score), regress=regress,
+                class_agnostic=self.nms_class_agnostic,
             )[0]  # fmt: skip
             # Exact peak centres (cell + predicted offset) for the relative coordinates.
             det_centers = dets.pop("centers")  # [n, 2] (x, y)
