@@ -298,7 +298,7 @@ class ProjectionMaskBranch(_MaskFeatures):
     (``in_channels -> out_channels``), no hidden layers.
 
     ``upsample`` and ``fine`` as in :class:`_MaskFeatures` (``channels`` and ``norm`` size the
-    ``fine`` path only). On a 360x640 ResNet-50 frame it costs ~0.1 ms where CondInst's branch
+    ``fine`` path only). On a 360x640 ResNet-50 frame it costs ~0.5 ms where CondInst's branch
     (:class:`MaskBranch`, 128 channels) costs ~34 ms on 2 CPU cores (docs/benchmarks.md).
     """
 
