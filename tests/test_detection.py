@@ -213,6 +213,22 @@ def test_decode_clips_to_valid_region_and_drops_padding_peaks():
     assert float(dets["boxes"][:, 2].max()) == pytest.approx(105.0)
 
 
+def test_decode_min_score_keeps_equal_scores_and_score_thresh_drops_them():
+    """``min_score`` is a tracker's threshold (``score >= t`` keeps a detection), so a peak
+    scoring exactly ``min_score`` is decoded; ``score_thresh`` stays strict."""
+    a = assign_targets([_target([[10.0, 10.0, 20.0, 20.0]], [1])], SHAPES, STRIDES, RANGES)
+    pred, heat = _perfect_prediction(a, 1)
+    # Logit 0 at the peak: score sigmoid(0) = 0.5 exactly; background sigmoid(-10).
+    pred["heatmap"] = [10 * h - 10 for h in heat]
+    sizes = torch.tensor([[H, W]])
+    kept = decode_detections(pred, STRIDES, sizes, score_thresh=0.0, min_score=0.5)[0]
+    assert kept["scores"].tolist() == [0.5] and kept["labels"].tolist() == [1]
+    above = decode_detections(pred, STRIDES, sizes, score_thresh=0.0, min_score=0.5001)[0]
+    assert above["scores"].numel() == 0
+    strict = decode_detections(pred, STRIDES, sizes, score_thresh=0.5)[0]
+    assert strict["scores"].numel() == 0
+
+
 def test_heatmap_peak_is_one_and_radius_matches_hand_value():
     # 32x32 px box on P3 -> 4x4 cells. CenterNet's radius: the third case gives
     # (-11.2 + sqrt(11.2^2 + 4*2.8*4.8)) / 2 = 1.0934 -> r = 1, sigma = 3/6 = 0.5.

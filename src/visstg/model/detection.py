@@ -470,6 +470,7 @@ def decode_detections(
     pool_size: int = 3,
     regress: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
     class_agnostic: bool = False,
+    min_score: float = 0.0,
 ) -> list[dict[str, Tensor]]:
     """Heatmap peaks -> boxes, per image.
 
@@ -491,6 +492,8 @@ def decode_detections(
             the size and offset at the top-k peaks, instead of reading them from
             ``pred["size"]`` / ``pred["offset"]`` (inference evaluates those branches at the
             peaks only, :meth:`CenterNetHead.regress_at`).
+        min_score: also drop scores below it (kept when equal, as a tracker's
+            ``score >= threshold`` keeps them; ``score_thresh`` drops scores equal to it).
     Returns:
         list of B dicts: ``boxes [D, 4]`` xyxy input px, ``scores [D]``, ``labels [D]``,
         ``levels [D]``, ``cells [D, 2]`` (y, x of the peak on its level), ``centers [D, 2]``
@@ -555,7 +558,8 @@ def decode_detections(
         dim=-1,
     )  # [B, k, 4]
     image = torch.arange(bsz, device=device)[:, None].expand(-1, k)  # [B, k]
-    keep = (scores > score_thresh) & (cx >= 0) & (cx < img_w) & (cy >= 0) & (cy < img_h)
+    keep = (scores > score_thresh) & (scores >= min_score)
+    keep &= (cx >= 0) & (cx < img_w) & (cy >= 0) & (cy < img_h)
 
     boxes, scores, label, level, image = (t[keep] for t in (boxes, scores, label, level, image))
     cells = torch.stack([y[keep], x[keep]], dim=-1)  # [n, 2]

@@ -592,9 +592,8 @@ class VisSTG(nn.Module):
             det = {k: [t.float() for t in v] for k, v in det.items()}
             sizes = torch.tensor([[h, w]], device=device)
             dets = decode_detections(
-                det, self.strides, sizes, self.topk, self.nms_thresh,
-                max(self.score_thresh, min_score), regress=regress,
-                class_agnostic=self.nms_class_agnostic,
+                det, self.strides, sizes, self.topk, self.nms_thresh, self.score_thresh,
+                regress=regress, class_agnostic=self.nms_class_agnostic, min_score=min_score,
             )[0]  # fmt: skip
             # Exact peak centres (cell + predicted offset) for the relative coordinates.
             det_centers = dets.pop("centers")  # [n, 2] (x, y)
