@@ -1,20 +1,32 @@
-"""Seconds per training step (forward, criterion, backward, AdamW step) of a training config.
+"""Seconds per training step (forward, criterion, backward, optimizer step) of a training config.
 
     python scripts/bench_train_step.py [--steps 30] [--warmup 5] [hydra overrides ...]
     python scripts/bench_train_step.py model.backbone.autocast=null model.backbone.channels_last=false
+    python scripts/bench_train_step.py --device cuda --precision bf16 --steps 300 --warmup 20 \\
+        --output r50_train.json +experiment=r50 data=synthetic trainer=gpu \\
+        model.backbone.weights=null data.batch_size=16
 
 Builds the network, criterion and data of ``conf/train.yaml`` with the overrides and times the
 plain step loop (no Lightning, logging or checkpoints) on the first batches of the training
-loader, loaded before the clock starts. Like training, it uses deterministic algorithms when the
-config's ``trainer.deterministic`` is set (the CPU default), without filling new tensors with NaN
-(``--fill-uninitialized`` measures that too). Prints the median and mean step time.
+loader, loaded before the clock starts (on ``--device``; more steps than the loader holds cycle
+through it). Like training, it uses deterministic algorithms when the config's
+``trainer.deterministic`` is set (the CPU default), without filling new tensors with NaN
+(``--fill-uninitialized`` measures that too). ``--precision bf16|fp16`` runs the forward and the
+criterion under ``torch.autocast``, as Lightning's ``bf16-mixed`` / ``16-mixed`` do (fp16 with a
+gradient scaler); the config's own ``autocast`` keys still apply inside. Prints the median and
+mean step time, steps per second and the peak memory: CUDA's allocator peak over the timed steps
+on a GPU, the process's peak resident memory on a CPU. ``--output`` writes the same as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -26,30 +38,82 @@ def main() -> None:
         action="store_true",
         help="with deterministic algorithms, also fill new tensors with NaN (torch's default)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (autocast)")
+    parser.add_argument("--output", type=Path, help="also write the numbers to this JSON file")
     args, overrides = parser.parse_known_args()
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.output is not None and args.output.exists():
+        parser.error(f"{args.output} exists; choose another --output")
 
     import torch
 
-    from step_loop import build_step_loop
+    from step_loop import build_step_loop, to_device
+    from visstg.cli import UsageError
+    from visstg.inference import autocast_context
 
-    loop = build_step_loop(overrides, fill_uninitialized=args.fill_uninitialized)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device}: this torch build sees no CUDA device")
+    try:
+        autocast = autocast_context(device, args.precision)
+    except UsageError as err:
+        sys.exit(f"error: --precision: {err}")
+    loop = build_step_loop(overrides, fill_uninitialized=args.fill_uninitialized, device=device)
     cfg, net, criterion, optimizer = loop.cfg, loop.net, loop.criterion, loop.optimizer
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     loader = iter(loop.datamodule.train_dataloader())
-    batches = [next(loader) for _ in range(min(args.steps + args.warmup, len(loader)))]
+    total = args.steps + args.warmup
+    batches = [to_device(next(loader), device) for _ in range(min(total, len(loader)))]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     times = []
-    for i, batch in enumerate(batches):
+    for i in range(total):
+        if i == args.warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        batch = batches[i % len(batches)]
+        sync()
         start = time.perf_counter()
-        loss = criterion(net.forward_train(batch), batch)["loss"]
+        with autocast:
+            loss = criterion(net.forward_train(batch), batch)["loss"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+
+    median = statistics.median(times)
+    if device.type == "cuda":
+        peak_mib, peak_what = torch.cuda.max_memory_allocated(device) / 2**20, "GPU allocated"
+        name = torch.cuda.get_device_name(device)
+    else:  # ru_maxrss is in KiB on Linux
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_what, name = "resident (process)", f"cpu, {torch.get_num_threads()} threads"
+    report = {
+        "device": name,
+        "precision": args.precision,
+        "batch_size": cfg.data.batch_size,
+        "steps": len(times),
+        "median_s_per_step": median,
+        "mean_s_per_step": statistics.mean(times),
+        "steps_per_s": 1 / median,
+        "peak_memory_mib": peak_mib,
+        "peak_memory": peak_what,
+        "overrides": overrides,
+    }
     print(
-        f"{len(times)} steps, batch {cfg.data.batch_size}, {torch.get_num_threads()} threads: "
-        f"median {statistics.median(times):.3f} s/step, mean {statistics.mean(times):.3f}"
+        f"{len(times)} steps, batch {cfg.data.batch_size}, {name}, {args.precision}: "
+        f"median {median:.3f} s/step, mean {report['mean_s_per_step']:.3f}, "
+        f"{report['steps_per_s']:.2f} steps/s, peak {peak_what} memory {peak_mib:.0f} MiB"
     )
+    if args.output is not None:
+        args.output.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

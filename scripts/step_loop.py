@@ -29,11 +29,15 @@ class StepLoop:
         return self.module.criterion
 
 
-def build_step_loop(overrides: list[str], fill_uninitialized: bool = False) -> StepLoop:
+def build_step_loop(
+    overrides: list[str], fill_uninitialized: bool = False, device: str = "cpu"
+) -> StepLoop:
     """Network, criterion, optimizer and the fitted datamodule of the training config.
 
     Like training, deterministic algorithms are on when ``trainer.deterministic`` is set (the
-    CPU default), without filling new tensors with NaN unless ``fill_uninitialized``.
+    CPU default), without filling new tensors with NaN unless ``fill_uninitialized``. The
+    network is moved to ``device`` before the optimizer is built (batches are the caller's to
+    move, :func:`to_device`).
     """
     import hydra
     import torch
@@ -51,7 +55,16 @@ def build_step_loop(overrides: list[str], fill_uninitialized: bool = False) -> S
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = build_module(cfg)
+    module.to(device)
     module.net.train()
     params = [p for p in module.net.parameters() if p.requires_grad]
     optimizer = module.optimizer_factory(params)
     return StepLoop(cfg, datamodule, module, params, optimizer)
+
+
+def to_device(batch: Any, device: Any) -> Any:
+    """A collated training batch (tensors in nested dicts and lists) on ``device``, as
+    Lightning moves it before ``training_step``."""
+    from pytorch_lightning.utilities import move_data_to_device
+
+    return move_data_to_device(batch, device)

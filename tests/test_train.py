@@ -219,12 +219,31 @@ def test_bench_train_step_script_times_steps(tmp_path: Path) -> None:
 
     overrides = [o for o in tiny(tmp_path / "data", tmp_path / "x") if "hydra.run.dir" not in o]
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_train_step.py"
+    out = tmp_path / "bench.json"
+    # Two timed steps cycle through the loader's batches; bf16 autocast around the step.
     proc = subprocess.run(
-        [sys.executable, str(script), "--steps", "1", "--warmup", "0", *overrides],
+        [sys.executable, str(script), "--steps", "2", "--warmup", "0", "--precision", "bf16",
+         "--output", str(out), *overrides],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "1 steps, batch 2" in proc.stdout and "s/step" in proc.stdout
+    assert "2 steps, batch 2" in proc.stdout and "s/step" in proc.stdout
+    assert "steps/s, peak resident (process) memory" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["steps"] == 2 and report["batch_size"] == 2 and report["precision"] == "bf16"
+    assert report["steps_per_s"] == pytest.approx(1 / report["median_s_per_step"])
+    assert report["peak_memory_mib"] > 0 and report["device"].startswith("cpu")
+    # The report is not overwritten, and a bad precision is refused before anything is built.
+    again = subprocess.run(
+        [sys.executable, str(script), "--output", str(out), *overrides],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode != 0 and f"{out} exists" in again.stderr
+    bad = subprocess.run(
+        [sys.executable, str(script), "--precision", "fp8", *overrides],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "precision must be one of" in bad.stderr
 
 
 def test_mask_head_health_script_reports_windows(tmp_path: Path) -> None:
