@@ -340,3 +340,19 @@ def test_decode_untrained_head_is_finite():
     assert dets[0]["boxes"].shape[0] <= 7
     assert torch.isfinite(dets[0]["boxes"]).all()
     assert F.relu(-dets[0]["boxes"]).sum() == 0
+
+
+def test_min_radius_widens_small_objects_only():
+    """``min_radius`` raises the radius of small boxes (CenterNet's rule gives a 16-px box on a
+    stride-8 level radius 0: one non-zero cell) and leaves larger radii as they are."""
+    t = _target([[8.0, 8.0, 24.0, 24.0], [56.0, 56.0, 120.0, 120.0]], [0, 1])
+    a = assign_targets([t], SHAPES, STRIDES, ((0, math.inf),) + ((math.inf, math.inf),) * 3)
+    plain = heatmap_targets(a, SHAPES, 1, C, STRIDES)[0][0]
+    wide = heatmap_targets(a, SHAPES, 1, C, STRIDES, min_radius=1)[0][0]
+    assert int((plain[0] > 0).sum()) == 1  # 2x2 cells: radius 0
+    assert int((wide[0] > 0).sum()) == 9  # radius 1: the 3x3 window, sigma 0.5
+    y, x = a.cell[0].tolist()
+    assert float(wide[0, y, x]) == 1.0
+    torch.testing.assert_close(wide[0, y, x + 1], torch.tensor(math.exp(-2.0)))
+    torch.testing.assert_close(plain[1], wide[1])  # 8x8 cells: radius 2 either way
+    assert int((plain[1] > 0).sum()) == 25

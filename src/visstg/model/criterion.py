@@ -82,6 +82,8 @@ class VisSTGCriterion(nn.Module):
         size_weight, offset_weight: lambda_size, lambda_offset.
         mask_weights: ``{"target", "warp", "ref"}`` weights inside L_mask.
         min_overlap: Gaussian radius parameter of the heatmap targets.
+        min_radius: smallest Gaussian radius in cells (0: CenterNet's; see
+            :func:`~visstg.model.detection.heatmap_targets`).
         mask_target_stride: stride of the mask logits (4).
         mask_bce: weight of the in-box BCE added to every dice term (0: the paper's dice only).
         mask_loss_stride: stride at which the mask losses compare (None: ``mask_target_stride``,
@@ -103,6 +105,7 @@ class VisSTGCriterion(nn.Module):
         offset_weight: float = 1.0,
         mask_weights: Mapping[str, float] | None = None,
         min_overlap: float = 0.7,
+        min_radius: int = 0,
         mask_target_stride: int = 4,
         mask_bce: float = 0.0,
         mask_loss_stride: int | None = None,
@@ -123,6 +126,7 @@ class VisSTGCriterion(nn.Module):
         self.size_weight = size_weight
         self.offset_weight = offset_weight
         self.min_overlap = min_overlap
+        self.min_radius = int(min_radius)
         self.mask_target_stride = mask_target_stride
         self.mask_bce = float(mask_bce)
 
@@ -161,6 +165,7 @@ class VisSTGCriterion(nn.Module):
             outputs["num_classes"],
             outputs["strides"],
             self.min_overlap,
+            self.min_radius,
         )  # L x [B, C, H_l, W_l]
         return centernet_loss(det, a, heatmaps, self.size_weight, self.offset_weight)
 

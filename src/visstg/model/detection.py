@@ -350,13 +350,17 @@ def heatmap_targets(
     num_classes: int,
     strides: Sequence[int] = DEFAULT_STRIDES,
     min_overlap: float = 0.7,
+    min_radius: int = 0,
 ) -> list[Tensor]:
     """Gaussian class heatmaps per level (CenterNet targets).
 
     Instance ``i`` on level ``l`` splats ``exp(-(dx^2 + dy^2) / (2 sigma^2))`` with
     ``sigma = (2r + 1) / 6`` around its centre cell over the square window ``|dx|, |dy| <= r``,
-    ``r = max(0, floor(gaussian_radius(h/stride, w/stride, min_overlap)))``; overlapping
-    instances of the same class take the maximum. The centre cell is exactly 1.
+    ``r = max(min_radius, floor(gaussian_radius(h/stride, w/stride, min_overlap)))``;
+    overlapping instances of the same class take the maximum. The centre cell is exactly 1.
+    ``min_radius`` 0 is CenterNet's rule. On a stride-8 level that rule gives objects under
+    ~29 px (under ~3.6 cells) radius 0: a one-cell target whose eight neighbours count as full
+    negatives; CenterNet's own stride-4 output gives them radius >= 1 from ~15 px on.
 
     Returns:
         list over levels of ``[B, C, H_l, W_l]`` float tensors in ``[0, 1]``.
@@ -369,7 +373,8 @@ def heatmap_targets(
         if bool(sel.any()):
             a = assignment.select(sel)
             wh = (a.boxes[:, 2:] - a.boxes[:, :2]).clamp(min=0) / strides[lvl]  # [n, 2] cells
-            radius = gaussian_radius(wh[:, 1], wh[:, 0], min_overlap).floor().clamp(min=0).long()
+            radius = gaussian_radius(wh[:, 1], wh[:, 0], min_overlap).floor()
+            radius = radius.clamp(min=max(0, min_radius)).long()  # [n]
             r_max = int(radius.max())
             d = torch.arange(-r_max, r_max + 1, device=device)  # [K]
             dy, dx = d[:, None], d[None, :]  # [K, 1], [1, K]
