@@ -4,7 +4,8 @@
     python scripts/bench_train_step.py model.backbone.autocast=null model.backbone.channels_last=false
     python scripts/bench_train_step.py --device cuda --precision bf16 --steps 300 --warmup 20 \\
         --output r50_train.json +experiment=r50 data=synthetic trainer=gpu \\
-        model.backbone.weights=null data.batch_size=16
+        model.backbone.weights=null data.batch_size=16 'data.train_sizes=[360]' \\
+        data.max_size=640 data.crop_size=null
 
 Builds the network, criterion and data of ``conf/train.yaml`` with the overrides and times the
 plain step loop (no Lightning, logging or checkpoints) on the first batches of the training
