@@ -51,6 +51,8 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     # The mask branch reads the backbone's stride-4 C2 map; dice + in-box BCE.
     assert model["mask_branch"]["fine"] and model["backbone"]["fine_level"]
     assert cfg["criterion"]["mask_bce"] == 1.0
+    # Heatmap Gaussians of radius >= 1 cell (CenterNet's rule gives small objects one cell).
+    assert cfg["criterion"]["min_radius"] == 1 and cfg["criterion"]["min_overlap"] == 0.7
 
 
 def test_default_model_builds_and_outputs_three_levels() -> None:
@@ -97,7 +99,7 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert condinst["mask_branch"]["_target_"].endswith(".MaskBranch")
     assert condinst["mask_branch"]["channels"] == 128 and not condinst["mask_branch"]["norm"]
     assert not condinst["mask_branch"]["fine"] and condinst["mask_branch"]["num_convs"] == 4
-    assert cfg["criterion"]["mask_bce"] == 0.0
+    assert cfg["criterion"]["mask_bce"] == 0.0 and cfg["criterion"]["min_radius"] == 0
     assert cfg["tracker"]["score_threshold"] == 0.1
     assert cfg["tracker"]["match_threshold"] == 0.5
     assert cfg["tracker"]["new_track_threshold"] == 0.2
