@@ -188,6 +188,9 @@ def test_mask_loss_stride_scores_the_upsampled_logits_against_finer_targets():
         fine["loss"].backward(retain_graph=True)
     with pytest.raises(ValueError, match="mask_loss_stride 3 must divide"):
         VisSTGCriterion(mask_loss_stride=3)
+    for bad in (-1, 0.5):
+        with pytest.raises(ValueError, match=f"min_radius must be a whole number.*got {bad}"):
+            VisSTGCriterion(min_radius=bad)
 
 
 def test_overfitting_one_pair_reduces_every_loss():

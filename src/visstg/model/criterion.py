@@ -126,6 +126,11 @@ class VisSTGCriterion(nn.Module):
         self.size_weight = size_weight
         self.offset_weight = offset_weight
         self.min_overlap = min_overlap
+        if int(min_radius) != min_radius or min_radius < 0:
+            raise ValueError(
+                f"VisSTGCriterion: min_radius must be a whole number of cells >= 0, "
+                f"got {min_radius}"
+            )
         self.min_radius = int(min_radius)
         self.mask_target_stride = mask_target_stride
         self.mask_bce = float(mask_bce)
