@@ -39,7 +39,7 @@ def main() -> None:
         action="store_true",
         help="with deterministic algorithms, also fill new tensors with NaN (torch's default)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (autocast)")
     parser.add_argument("--output", type=Path, help="also write the numbers to this JSON file")
     args, overrides = parser.parse_known_args()
@@ -49,24 +49,25 @@ def main() -> None:
         parser.error(f"{args.output} exists; choose another --output")
 
     import torch
+    from pytorch_lightning.utilities import move_data_to_device
 
-    from step_loop import build_step_loop, to_device
-    from visstg.cli import UsageError
+    from step_loop import build_step_loop
+    from visstg.benchmark import device_name
+    from visstg.cli import UsageError, resolve_device
     from visstg.inference import autocast_context
 
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit(f"error: --device {args.device}: this torch build sees no CUDA device")
     try:
+        device = torch.device(resolve_device(args.device))
         autocast = autocast_context(device, args.precision)
     except UsageError as err:
-        sys.exit(f"error: --precision: {err}")
+        sys.exit(f"error: {err}")
     loop = build_step_loop(overrides, fill_uninitialized=args.fill_uninitialized, device=device)
     cfg, net, criterion, optimizer = loop.cfg, loop.net, loop.criterion, loop.optimizer
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
     loader = iter(loop.datamodule.train_dataloader())
     total = args.steps + args.warmup
-    batches = [to_device(next(loader), device) for _ in range(min(total, len(loader)))]
+    # Moved as Lightning moves a batch before training_step.
+    batches = [move_data_to_device(next(loader), device) for _ in range(min(total, len(loader)))]
 
     def sync() -> None:
         if device.type == "cuda":
@@ -90,12 +91,12 @@ def main() -> None:
             times.append(time.perf_counter() - start)
 
     median = statistics.median(times)
+    name = device_name(str(device))
     if device.type == "cuda":
         peak_mib, peak_what = torch.cuda.max_memory_allocated(device) / 2**20, "GPU allocated"
-        name = torch.cuda.get_device_name(device)
     else:  # ru_maxrss is in KiB on Linux
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        peak_what, name = "resident (process)", f"cpu, {torch.get_num_threads()} threads"
+        peak_what = "resident (process)"
     report = {
         "device": name,
         "precision": args.precision,

@@ -37,7 +37,7 @@ def build_step_loop(
     Like training, deterministic algorithms are on when ``trainer.deterministic`` is set (the
     CPU default), without filling new tensors with NaN unless ``fill_uninitialized``. The
     network is moved to ``device`` before the optimizer is built (batches are the caller's to
-    move, :func:`to_device`).
+    move).
     """
     import hydra
     import torch
@@ -60,11 +60,3 @@ def build_step_loop(
     params = [p for p in module.net.parameters() if p.requires_grad]
     optimizer = module.optimizer_factory(params)
     return StepLoop(cfg, datamodule, module, params, optimizer)
-
-
-def to_device(batch: Any, device: Any) -> Any:
-    """A collated training batch (tensors in nested dicts and lists) on ``device``, as
-    Lightning moves it before ``training_step``."""
-    from pytorch_lightning.utilities import move_data_to_device
-
-    return move_data_to_device(batch, device)
