@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import COLOURS
-from visstg.data.datamodule import PairDataset, VISDataModule, collate_pairs
+from visstg.data.datamodule import PairDataset, VISDataModule, collate_pairs, paste_instances
 from visstg.data.pairs import sample_reference
 from visstg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairAugmentation, resized_shape
 from visstg.data.ytvis import DatasetError, load_ytvis
@@ -147,6 +147,70 @@ def test_reference_dropout(tiny_root: Path) -> None:
     assert 0 < counts["half"] < counts["full"]
     with pytest.raises(ValueError, match="ref_drop_frame"):
         PairDataset(ds, aug, 4, ref_drop_frame=1.5)
+
+
+def _frame(masks: torch.Tensor, labels: list[int], ids: list[int], fill: float) -> dict:
+    from visstg.data.transforms import boxes_from_masks
+
+    return {
+        "image": torch.full((3, *masks.shape[1:]), fill),
+        "boxes": boxes_from_masks(masks),
+        "labels": torch.tensor(labels),
+        "track_ids": torch.tensor(ids),
+        "masks": masks,
+    }
+
+
+def test_paste_instances_covers_host_pixels_and_drops_hidden_instances() -> None:
+    host_masks = torch.zeros((2, 8, 10), dtype=torch.bool)
+    host_masks[0, 1:5, 1:5] = True  # half covered below
+    host_masks[1, 6:8, 8:10] = True  # covered entirely below
+    host = _frame(host_masks, [0, 1], [1, 2], fill=0.0)
+    donor_masks = torch.zeros((2, 8, 12), dtype=torch.bool)  # wider than the host: cut
+    donor_masks[0, 1:5, 3:7] = True
+    donor_masks[1, 5:8, 7:12] = True
+    donor = _frame(donor_masks, [3, 4], [101, 102], fill=1.0)
+    out = paste_instances(host, donor)
+    assert out["track_ids"].tolist() == [1, 101, 102] and out["labels"].tolist() == [0, 3, 4]
+    assert out["masks"].shape == (3, 8, 10) and out["image"].shape == (3, 8, 10)
+    assert out["masks"][0].sum() == 4 * 2 and not (out["masks"][0] & out["masks"][1]).any()
+    assert out["boxes"].tolist() == [[1, 1, 3, 5], [3, 1, 7, 5], [7, 5, 10, 8]]
+    pasted = donor_masks[:, :, :10].any(0)
+    assert (out["image"][:, pasted] == 1).all() and (out["image"][:, ~pasted] == 0).all()
+    assert (host["image"] == 0).all(), "the host frame is not changed in place"
+
+
+def test_copy_paste_adds_another_videos_instances(tiny_root: Path) -> None:
+    ds = load_ytvis(tiny_root / "train.json")
+    aug = PairAugmentation((96,), 1000, 0.5)
+    plain, pasted = (PairDataset(ds, aug, 4, copy_paste=p) for p in (0.0, 1.0))
+    label_colour = {ds.label(c): COLOURS[c] for c in COLOURS}
+    offset = 1 + max(t.id for tracks in ds.tracks.values() for t in tracks)
+    added = 0
+    for i in range(len(plain)):
+        torch.manual_seed(i)  # the same host pair and augmentation
+        host = plain[i]
+        torch.manual_seed(i)
+        item = pasted[i]
+        assert item["video_id"] == host["video_id"]
+        assert item["frame_indices"] == host["frame_indices"]
+        donor_ids = []
+        for side in ("ref", "tgt"):
+            f = item[side]
+            ids = f["track_ids"].tolist()
+            assert len(set(ids)) == len(ids) and len(f["boxes"]) == len(f["masks"]) == len(ids)
+            own = [j for j in ids if j < offset]
+            assert set(own) <= set(host[side]["track_ids"].tolist())
+            donor_ids.append({j - offset for j in ids if j >= offset})
+            _check_frame_consistency(f, label_colour)
+            added += len(ids) - len(own)
+        # The donor's instances come from one other video, with their own ids in both frames.
+        video_of = {t.id: t.video_id for tracks in ds.tracks.values() for t in tracks}
+        donors = {video_of[j] for j in donor_ids[0] | donor_ids[1]}
+        assert len(donors) == 1 and host["video_id"] not in donors
+    assert added > 0
+    with pytest.raises(ValueError, match="copy_paste"):
+        PairDataset(ds, aug, 4, copy_paste=-0.1)
 
 
 def test_collate_pads_to_multiple_of_32(tiny_root: Path) -> None:

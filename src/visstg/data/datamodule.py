@@ -20,12 +20,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from visstg.data.pairs import sample_reference, target_index
-from visstg.data.transforms import PairAugmentation, pad_to_multiple, preprocess_frame
+from visstg.data.transforms import (
+    PairAugmentation,
+    boxes_from_masks,
+    pad_to_multiple,
+    preprocess_frame,
+)
 from visstg.data.ytvis import YTVIS, DatasetError, load_ytvis
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PairDataset", "VideoDataset", "VideoSample", "collate_pairs", "VISDataModule"]
+__all__ = [
+    "PairDataset",
+    "VideoDataset",
+    "VideoSample",
+    "collate_pairs",
+    "paste_instances",
+    "VISDataModule",
+]
 
 DATASET_SOURCES = {
     "ytvis2019": "YouTube-VIS 2019 from https://youtube-vos.org/dataset/vis/ (CodaLab download)",
@@ -49,6 +61,13 @@ class PairDataset(Dataset):
     references in every pair the heads can find objects from the graph's messages alone: on
     2-core runs of the synthetic default the centre loss of the same weights was 0.76 with the
     references and 1.60 without, while at inference new objects never have a reference.
+
+    Copy-paste (a training augmentation, off by default): with probability ``copy_paste`` the
+    visible instances of another video's pair (its own reference and target, the same shorter
+    side, its own flip and window) are pasted on top of both frames, as new tracks
+    (:func:`paste_instances`). The instances they cover lose those pixels; one covered entirely
+    is dropped from that frame. A step then sees more objects, and more occlusions, for the
+    cost of loading a second pair.
     """
 
     def __init__(
@@ -58,10 +77,12 @@ class PairDataset(Dataset):
         max_gap: int = 4,
         ref_drop_frame: float = 0.0,
         ref_drop_instance: float = 0.0,
+        copy_paste: float = 0.0,
     ) -> None:
         for name, p in (
             ("ref_drop_frame", ref_drop_frame),
             ("ref_drop_instance", ref_drop_instance),
+            ("copy_paste", copy_paste),
         ):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"PairDataset: {name} must be a probability in [0, 1], got {p}")
@@ -69,10 +90,16 @@ class PairDataset(Dataset):
         self.aug = augmentation
         self.max_gap = max_gap
         self.ref_drop_frame, self.ref_drop_instance = ref_drop_frame, ref_drop_instance
+        self.copy_paste = copy_paste
         annotated = {v["id"]: ds.annotated_frames(v) for v in ds.videos}
         self.samples = target_index(annotated)
         if not self.samples:
             raise DatasetError(f"{ds.path}: no annotated frame with a visible instance to train on")
+        # Pasted instances get track ids above every id of the file, so they never meet a
+        # host instance's id (annotation ids need not be unique across videos).
+        self._paste_id_offset = 1 + max(
+            (t.id for tracks in ds.tracks.values() for t in tracks), default=0
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -84,12 +111,34 @@ class PairDataset(Dataset):
         video = self.ds.video(video_id)
         k = sample_reference(t, video["length"], self.max_gap, rng)
         draw = self.aug.sample(rng)
+        ref, tgt = self._frame(video, k, draw), self._frame(video, t, draw)
+        if self.copy_paste > 0 and rng.random() < self.copy_paste:
+            donor = self._donor_pair(video_id, draw[0], rng)
+            if donor is not None:
+                ref, tgt = paste_instances(ref, donor[0]), paste_instances(tgt, donor[1])
         return {
-            "ref": self._drop_references(self._frame(video, k, draw), rng),
-            "tgt": self._frame(video, t, draw),
+            "ref": self._drop_references(ref, rng),
+            "tgt": tgt,
             "video_id": video_id,
             "frame_indices": (k, t),
         }
+
+    def _donor_pair(self, video_id: int, short: int, rng: random.Random) -> tuple | None:
+        """(reference, target) frames of a pair from another video, resized to the same
+        shorter side with their own flip and window, track ids moved above the file's."""
+        for _ in range(8):  # a few tries: a dataset may be one long video
+            donor_id, t = self.samples[rng.randrange(len(self.samples))]
+            if donor_id != video_id:
+                break
+        else:
+            return None
+        video = self.ds.video(donor_id)
+        k = sample_reference(t, video["length"], self.max_gap, rng)
+        _, flip, corner = self.aug.sample(rng)
+        frames = [self._frame(video, i, (short, flip, corner)) for i in (k, t)]
+        for f in frames:
+            f["track_ids"] = f["track_ids"] + self._paste_id_offset
+        return frames[0], frames[1]
 
     def _drop_references(self, ref: dict[str, torch.Tensor], rng: random.Random) -> dict:
         if self.ref_drop_frame == 0 and self.ref_drop_instance == 0:
@@ -121,6 +170,35 @@ class PairDataset(Dataset):
             "track_ids": torch.tensor([tr.id for tr in tracks], dtype=torch.long)[keep],
             "masks": m[keep],
         }
+
+
+def paste_instances(host: dict[str, Any], donor: dict[str, Any]) -> dict[str, Any]:
+    """Paste the instances of one frame on top of another (copy-paste augmentation).
+
+    Both are :class:`PairDataset` frames (normalised image, boxes, labels, track_ids, masks);
+    the donor is aligned at the top-left corner and cut to the host's size. The host's
+    instances lose the pixels the pasted ones cover and are dropped where nothing is left;
+    boxes are recomputed from the masks. The donor's track ids must not clash with the host's.
+    """
+    h, w = host["image"].shape[-2:]
+    dh, dw = min(h, donor["image"].shape[-2]), min(w, donor["image"].shape[-1])
+    pasted = torch.zeros((donor["masks"].shape[0], h, w), dtype=torch.bool)
+    pasted[:, :dh, :dw] = donor["masks"][:, :dh, :dw]
+    cover = pasted.any(0)  # [h, w]
+    image = host["image"].clone()
+    image[:, :dh, :dw] = torch.where(
+        cover[:dh, :dw], donor["image"][:, :dh, :dw], image[:, :dh, :dw]
+    )
+    masks = torch.cat([host["masks"] & ~cover, pasted])
+    keep = masks.flatten(1).any(1)
+    masks = masks[keep]
+    return {
+        "image": image,
+        "boxes": boxes_from_masks(masks),
+        "labels": torch.cat([host["labels"], donor["labels"]])[keep],
+        "track_ids": torch.cat([host["track_ids"], donor["track_ids"]])[keep],
+        "masks": masks,
+    }
 
 
 def _pad_masks(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -237,6 +315,8 @@ class VISDataModule(pl.LightningDataModule):
         test_size: shorter side at inference (longer side capped by ``max_size``).
         ref_drop_frame, ref_drop_instance: reference dropout of the training pairs
             (:class:`PairDataset`).
+        copy_paste: probability that a training pair gets another video's instances pasted
+            on top (:class:`PairDataset`).
         epoch_pairs: pairs per training epoch, drawn at random without replacement (a new draw
             every epoch); ``None``: one pair per annotated frame. Keeps the length of an epoch
             (and so the schedule in epochs) independent of how many videos the data has.
@@ -263,6 +343,7 @@ class VISDataModule(pl.LightningDataModule):
         ref_drop_instance: float = 0.0,
         epoch_pairs: int | None = None,
         crop_size: tuple[int, int] | None = None,
+        copy_paste: float = 0.0,
     ) -> None:
         super().__init__()
         if epoch_pairs is not None and epoch_pairs < 1:
@@ -277,7 +358,11 @@ class VISDataModule(pl.LightningDataModule):
         self.test_size, self.max_size = test_size, max_size
         self.batch_size, self.num_workers = batch_size, num_workers
         self.val_max_videos = val_max_videos
-        self.ref_drop = {"ref_drop_frame": ref_drop_frame, "ref_drop_instance": ref_drop_instance}
+        self.pair_options = {
+            "ref_drop_frame": ref_drop_frame,
+            "ref_drop_instance": ref_drop_instance,
+            "copy_paste": copy_paste,
+        }
         self._splits: dict[str, YTVIS] = {}
 
     # --- files --------------------------------------------------------------------------------
@@ -319,7 +404,7 @@ class VISDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.train_set = PairDataset(
-                self.split(self.train_split), self.aug, self.max_gap, **self.ref_drop
+                self.split(self.train_split), self.aug, self.max_gap, **self.pair_options
             )
         if stage in (None, "fit", "validate"):
             self.val_set = VideoDataset(self.split(self.val_split), self.test_size, self.max_size)
