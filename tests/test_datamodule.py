@@ -12,7 +12,13 @@ import torch
 from conftest import COLOURS
 from visstg.data.datamodule import PairDataset, VISDataModule, collate_pairs, paste_instances
 from visstg.data.pairs import sample_reference
-from visstg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, PairAugmentation, resized_shape
+from visstg.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PairAugmentation,
+    boxes_from_masks,
+    resized_shape,
+)
 from visstg.data.ytvis import DatasetError, load_ytvis
 
 
@@ -150,8 +156,6 @@ def test_reference_dropout(tiny_root: Path) -> None:
 
 
 def _frame(masks: torch.Tensor, labels: list[int], ids: list[int], fill: float) -> dict:
-    from visstg.data.transforms import boxes_from_masks
-
     return {
         "image": torch.full((3, *masks.shape[1:]), fill),
         "boxes": boxes_from_masks(masks),
@@ -185,7 +189,8 @@ def test_copy_paste_adds_another_videos_instances(tiny_root: Path) -> None:
     aug = PairAugmentation((96,), 1000, 0.5)
     plain, pasted = (PairDataset(ds, aug, 4, copy_paste=p) for p in (0.0, 1.0))
     label_colour = {ds.label(c): COLOURS[c] for c in COLOURS}
-    offset = 1 + max(t.id for tracks in ds.tracks.values() for t in tracks)
+    video_of = {t.id: t.video_id for tracks in ds.tracks.values() for t in tracks}
+    offset = 1 + max(video_of)
     added = 0
     for i in range(len(plain)):
         torch.manual_seed(i)  # the same host pair and augmentation
@@ -205,7 +210,6 @@ def test_copy_paste_adds_another_videos_instances(tiny_root: Path) -> None:
             _check_frame_consistency(f, label_colour)
             added += len(ids) - len(own)
         # The donor's instances come from one other video, with their own ids in both frames.
-        video_of = {t.id: t.video_id for tracks in ds.tracks.values() for t in tracks}
         donors = {video_of[j] for j in donor_ids[0] | donor_ids[1]}
         assert len(donors) == 1 and host["video_id"] not in donors
     assert added > 0

@@ -32,6 +32,8 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     # tested at 160, for 15 epochs of a half-width ResNet-10 (conf/backbone/resnet10.yaml).
     assert cfg["data"]["crop_size"] == [128, 224] and cfg["data"]["test_size"] == 160
     assert cfg["data"]["train_sizes"] == [144, 160, 176] and cfg["trainer"]["max_epochs"] == 15
+    # Half of the pairs get another training video's objects pasted on top (copy-paste).
+    assert cfg["data"]["copy_paste"] == 0.5
     assert model["backbone"]["width"] == 32
     # The synthetic default trains detection on the reference frame too, runs the backbone
     # in bf16 (float32 maps out) and associates across classes.
@@ -79,6 +81,7 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert model["strides"] == [8, 16, 32, 64, 128] and model["dim"] == 256
     assert model["gnn"]["iterations"] == 3
     assert cfg["data"]["crop_size"] is None  # whole frames, the paper's multi-scale training
+    assert cfg["data"]["copy_paste"] == 0.0  # no copy-paste in the paper's training
     assert not (model["det_head"]["norm"] or model["controller"]["norm"])
     # CenterNet's head on ResNet backbones: 64 wide (its head_conv), over the 256-channel maps.
     assert model["det_head"]["feat_channels"] == 64 and model["det_head"]["in_channels"] == 256

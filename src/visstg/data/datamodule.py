@@ -182,8 +182,7 @@ def paste_instances(host: dict[str, Any], donor: dict[str, Any]) -> dict[str, An
     """
     h, w = host["image"].shape[-2:]
     dh, dw = min(h, donor["image"].shape[-2]), min(w, donor["image"].shape[-1])
-    pasted = torch.zeros((donor["masks"].shape[0], h, w), dtype=torch.bool)
-    pasted[:, :dh, :dw] = donor["masks"][:, :dh, :dw]
+    pasted = _pad_masks(donor["masks"][:, :h, :w], h, w)
     cover = pasted.any(0)  # [h, w]
     image = host["image"].clone()
     image[:, :dh, :dw] = torch.where(
