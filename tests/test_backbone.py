@@ -179,6 +179,29 @@ def test_fine_level_prepends_the_c2_lateral_and_leaves_the_pyramid_as_it_was(dep
         torch.testing.assert_close(g, e)
 
 
+def test_stem_channels_add_the_stem_lateral_after_the_c2_one():
+    """``stem_channels``: a stride-2 map (the stem's ReLU output through a 1x1 conv) follows the
+    stride-4 one; the pyramid levels and the C2 map are the same weights' as without it."""
+    torch.manual_seed(0)
+    ref = ResNetFPN(10, 16, num_levels=3, fine_level=True, width=32).eval()
+    net = ResNetFPN(10, 16, num_levels=3, fine_level=True, width=32, stem_channels=8).eval()
+    missing, unexpected = net.load_state_dict(ref.state_dict(), strict=False)
+    assert sorted(missing) == ["stem_lateral.bias", "stem_lateral.weight"] and not unexpected
+    assert net.stem_level and not ref.stem_level and net.stem_lateral.in_channels == 32
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        fine, stem, *levels = net(x)
+        expected = ref(x)
+        body = net.fpn.body
+        stem_map = body.relu(body.bn1(body.conv1(x)))
+    assert stem.shape == (1, 8, 32, 48)
+    torch.testing.assert_close(stem, net.stem_lateral(stem_map))
+    for e, g in zip(expected, [fine, *levels]):
+        torch.testing.assert_close(g, e)
+    with pytest.raises(ValueError, match="fine_level"):
+        ResNetFPN(10, 16, num_levels=3, width=32, stem_channels=8)
+
+
 def _randomise_norms(net):
     """Norm statistics and affines away from the identity map, so a wrong fold shows."""
     gen = torch.Generator().manual_seed(0)

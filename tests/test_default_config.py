@@ -52,6 +52,7 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     assert cfg["tracker"]["coverage_power"] == 0.5
     # The mask branch reads the backbone's stride-4 C2 map; dice + in-box BCE.
     assert model["mask_branch"]["fine"] and model["backbone"]["fine_level"]
+    assert model["mask_branch"]["stem_channels"] == model["backbone"]["stem_channels"] == 0
     assert cfg["criterion"]["mask_bce"] == 1.0
     # Heatmap Gaussians of radius >= 1 cell (CenterNet's rule gives small objects one cell).
     assert cfg["criterion"]["min_radius"] == 1 and cfg["criterion"]["min_overlap"] == 0.7

@@ -244,6 +244,31 @@ def test_mask_branch_fine_upsample_4_resizes_the_stride_4_sum_to_stride_2():
     torch.testing.assert_close(out, expected)
 
 
+def test_mask_branch_stem_adds_a_stride_2_map_to_the_stride_2_features():
+    """``stem_channels``: output = the ``fine, upsample=4`` output + conv(stem map); ``fine`` is
+    then the pair (stride-4 map, stride-2 map), and the path needs ``fine`` and ``upsample=4``."""
+    feats = [torch.randn(2, 16, 8, 12), torch.randn(2, 16, 4, 6), torch.randn(2, 16, 2, 3)]
+    fine_map, stem_map = torch.randn(2, 16, 16, 24), torch.randn(2, 4, 32, 48)
+    torch.manual_seed(0)
+    at2 = MaskBranch(16, 8, out_channels=8, num_convs=2, upsample=4, fine=True)
+    stem = MaskBranch(16, 8, out_channels=8, num_convs=2, upsample=4, fine=True, stem_channels=4)
+    missing, unexpected = stem.load_state_dict(at2.state_dict(), strict=False)
+    assert missing and all(k.startswith("stem.") for k in missing) and not unexpected
+    out = stem(feats, (fine_map, stem_map))
+    assert out.shape == (2, 8, 32, 48)
+    torch.testing.assert_close(out, at2(feats, fine_map) + stem.stem(stem_map))
+    assert stem.stem(stem_map).abs().sum() > 0
+    with pytest.raises(ValueError, match="pair"):
+        stem(feats, fine_map)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        stem(feats, (fine_map, stem_map[..., :31, :]))
+    for bad in ({"fine": False, "upsample": 4}, {"fine": True, "upsample": 2}):
+        with pytest.raises(ValueError, match="stem_channels"):
+            MaskBranch(16, 8, stem_channels=4, **bad)
+    with pytest.raises(ValueError, match="stem_channels"):
+        ProjectionMaskBranch(16, 8, upsample=4, fine=True, stem_channels=-1)
+
+
 def test_box_bce_loss_is_the_mean_bce_over_the_cells_each_box_overlaps():
     """Cells overlapping the box count, every other cell is ignored; instances weigh equally."""
     torch.manual_seed(0)

@@ -590,3 +590,30 @@ def test_mask_negative_slope_reaches_the_dynamic_head_and_is_checked():
     assert not torch.allclose(a["mask_logits"], b["mask_logits"])
     with pytest.raises(ValueError, match="mask_negative_slope"):
         tiny_net(mask_negative_slope=-0.1)
+
+
+def test_stem_map_feeds_the_mask_branch_and_the_masks_come_out_at_stride_2():
+    """``backbone.stem_channels`` + ``mask_branch.stem_channels``: the stride-2 stem map reaches
+    the mask branch (its convs get gradients), training and inference masks are at stride 2, and
+    the two settings must agree."""
+    torch.manual_seed(0)
+    backbone = ResNetFPN(18, D, norm="bn", trainable_layers=5, fine_level=True, stem_channels=4)
+    branch = MaskBranch(D, D, num_convs=2, upsample=4, fine=True, stem_channels=4)
+    net = tiny_net(mask_branch=branch, backbone=backbone, mask_feat_stride=2, mask_upsample=1)
+    batch = pair_batch()
+    out = net.forward_train(batch)
+    assert out["mask_logits"].shape == out["ref_mask_logits"].shape == (2, H // 2, W // 2)
+    assert out["mask_warp_logits"].shape == (2, H // 2, W // 2)
+    VisSTGCriterion()(out, batch)["loss"].backward()
+    for p in [*backbone.stem_lateral.parameters(), *branch.stem.parameters()]:
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    with torch.no_grad():
+        res, state = net.eval().inference_step(batch["tgt_images"][:1], None, None)
+        res2, _ = net.inference_step(batch["tgt_images"][:1], state, None)
+    assert res["masks"].shape[-2:] == res2["masks"].shape[-2:] == (H // 2, W // 2)
+    fine_only = MaskBranch(D, D, num_convs=2, upsample=4, fine=True)
+    with pytest.raises(ValueError, match="stem_level"):
+        tiny_net(mask_branch=fine_only, backbone=backbone, mask_feat_stride=2)
+    plain_backbone = ResNetFPN(18, D, norm="bn", trainable_layers=5, fine_level=True)
+    with pytest.raises(ValueError, match="stem_level"):
+        tiny_net(mask_branch=branch, backbone=plain_backbone, mask_feat_stride=2)

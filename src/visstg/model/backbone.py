@@ -157,12 +157,17 @@ class ResNetFPN(nn.Module):
             (``MaskBranch(fine=True)``): C2 (``layer1``) through a 1x1 conv to ``out_channels``,
             first in the returned list. It is not a pyramid level (no top-down path, not in
             ``strides``); the detection heads and the graph never see it.
+        stem_channels: > 0 also returns a stride-2 map (needs ``fine_level``; ``stem_level``
+            says whether there is one): the stem's output (conv1, norm, ReLU, before the max
+            pool) through a 1x1 conv to ``stem_channels``, second in the returned list, for a
+            mask branch that reads one (``MaskBranch(stem_channels=...)``).
 
     Shapes:
         input ``[N, 3, H, W]`` (ImageNet-normalised) -> list of 5 tensors
         ``[N, out_channels, ceil(H / s), ceil(W / s)]`` for ``s`` in ``strides``
         (``num_levels`` tensors), preceded by ``[N, out_channels, ceil(H / 4), ceil(W / 4)]``
-        with ``fine_level``.
+        with ``fine_level``, and ``[N, stem_channels, ceil(H / 2), ceil(W / 2)]`` after it with
+        ``stem_channels``.
     """
 
     def __init__(
@@ -177,6 +182,7 @@ class ResNetFPN(nn.Module):
         channels_last: bool = False,
         fine_level: bool = False,
         width: int = 64,
+        stem_channels: int = 0,
     ) -> None:
         super().__init__()
         if autocast is not None and autocast not in AUTOCAST_DTYPES:
@@ -200,6 +206,11 @@ class ResNetFPN(nn.Module):
             raise ValueError(
                 f"pretrained ResNet weights are 64 channels wide; width={width} needs "
                 "model.backbone.weights=null"
+            )
+        if stem_channels < 0 or (stem_channels and not fine_level):
+            raise ValueError(
+                f"stem_channels={stem_channels}: a stride-2 map (> 0) needs fine_level=True "
+                "(it follows C2 in the returned list)"
             )
         self.depth = depth
         self.out_channels = out_channels
@@ -230,9 +241,14 @@ class ResNetFPN(nn.Module):
         self.fine_level = fine_level
         # C2 -> out_channels (fine_level): one 1x1 conv, as an FPN lateral.
         self.fine_lateral = nn.Conv2d(c3 // 2, out_channels, 1) if fine_level else None
+        self.stem_level = stem_channels > 0
+        # Stem output (width channels) -> stem_channels: one 1x1 conv.
+        self.stem_lateral = nn.Conv2d(width, stem_channels, 1) if self.stem_level else None
         return_layers = {"layer2": "c3", "layer3": "c4", "layer4": "c5"}
         if fine_level:
             return_layers = {"layer1": "c2", **return_layers}
+        if self.stem_level:
+            return_layers = {"relu": "c1", **return_layers}
         self.fpn = BackboneWithFPN(
             body,
             return_layers=return_layers,
@@ -300,11 +316,14 @@ class ResNetFPN(nn.Module):
             feats = [f.float() for f in feats]
         if self.channels_last:  # the graph and heads index and flatten the maps as NCHW
             feats = [f.contiguous() for f in feats]
-        return feats  # (fine +) num_levels x [N, C, H_l, W_l]
+        return feats  # (fine (+ stem) +) num_levels x [N, C, H_l, W_l]
 
     def _pyramid(self, images: Tensor) -> list[Tensor]:
-        """``BackboneWithFPN.forward`` (body, then FPN), plus the C2 lateral with ``fine_level``."""
-        c = self.fpn.body(images)  # OrderedDict (c2,) c3, c4, c5
+        """``BackboneWithFPN.forward`` (body, then FPN), plus the C2 lateral with ``fine_level``
+        and the stem's with ``stem_level``."""
+        c = self.fpn.body(images)  # OrderedDict (c1, c2,) c3, c4, c5
+        stem = self.stem_lateral(c.pop("c1")) if self.stem_level else None
         fine = self.fine_lateral(c.pop("c2")) if self.fine_level else None
         feats = list(self.fpn.fpn(c).values())  # p3, p4, p5(, p6, p7)
-        return feats if fine is None else [fine, *feats]
+        extra = [t for t in (fine, stem) if t is not None]
+        return [*extra, *feats]

@@ -181,15 +181,23 @@ class _MaskFeatures(nn.Module):
     shapes, through a stride-4 grid 0.78-0.90 (scripts/mask_oracle.py); conf/mask_branch/ has
     what it changed in training.
 
+    ``stem_channels`` > 0 (needs ``fine`` and ``upsample=4``) adds real stride-2 detail the same
+    way: the forward's ``fine`` is then a pair (stride-4 map, stride-2 map with
+    ``stem_channels`` channels, ``ResNetFPN(stem_level=True)``'s stem lateral); the stride-2 map
+    goes through one 3x3 conv (``stem_channels -> stem_channels``) + ReLU (GroupNorm with
+    ``norm``) and a 1x1 conv to ``out_channels``, and is added to the stride-4 sum resized to
+    stride 2, where the dynamic head then runs.
+
     Shapes:
         input: list over levels of ``[B, in_channels, H_l, W_l]`` (at least ``num_levels``),
-        and with ``fine`` ``[B, in_channels, 2 * H_3, 2 * W_3]``.
+        and with ``fine`` ``[B, in_channels, 2 * H_3, 2 * W_3]`` (with ``stem_channels``, that
+        and ``[B, stem_channels, 4 * H_3, 4 * W_3]``).
         output: ``[B, out_channels, upsample * H_3, upsample * W_3]`` (stride 8 / upsample).
     """
 
     num_levels = 1
 
-    def __init__(self, upsample: int, fine: bool) -> None:
+    def __init__(self, upsample: int, fine: bool, stem_channels: int = 0) -> None:
         super().__init__()
         name = type(self).__name__
         if upsample < 1:
@@ -199,18 +207,29 @@ class _MaskFeatures(nn.Module):
                 f"{name}: fine=True adds a stride-4 map, so upsample must be 2 (output at "
                 f"stride 4) or 4 (the sum resized to stride 2), got {upsample}"
             )
+        if stem_channels < 0 or (stem_channels and not (fine and upsample == 4)):
+            raise ValueError(
+                f"{name}: stem_channels > 0 adds a stride-2 map after the stride-4 one, so it "
+                f"needs fine=True and upsample=4 (got stem_channels={stem_channels}, "
+                f"fine={fine}, upsample={upsample})"
+            )
         self.upsample = upsample
+        self.stem_channels = stem_channels
         self.fine: nn.Module | None = None
+        self.stem: nn.Module | None = None
 
     def _finish(
         self, fine: bool, in_channels: int, channels: int, out_channels: int, norm: bool
     ) -> None:
-        """Add the stride-4 path (after the subclass's own layers, so that parameters are
-        created and initialised in a fixed order) and initialise every conv."""
+        """Add the stride-4 (and stride-2) paths (after the subclass's own layers, so that
+        parameters are created and initialised in a fixed order) and initialise every conv."""
         if fine:
             self.fine = nn.Sequential(
                 *_conv_norm_relu(in_channels, channels, norm), nn.Conv2d(channels, out_channels, 1)
             )
+        if self.stem_channels:
+            c = self.stem_channels
+            self.stem = nn.Sequential(*_conv_norm_relu(c, c, norm), nn.Conv2d(c, out_channels, 1))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_uniform_(m.weight, a=1)
@@ -221,8 +240,18 @@ class _MaskFeatures(nn.Module):
         """``[B, out_channels, H_3, W_3]`` from the first ``num_levels`` levels."""
         raise NotImplementedError
 
-    def forward(self, feats: Sequence[Tensor], fine: Tensor | None = None) -> Tensor:
+    def forward(
+        self, feats: Sequence[Tensor], fine: Tensor | tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
         name = type(self).__name__
+        stem = None
+        if self.stem is not None:
+            if not isinstance(fine, (tuple, list)) or len(fine) != 2:
+                raise ValueError(
+                    f"{name}: built with stem_channels={self.stem_channels}, so it takes the "
+                    "pair (stride-4 map, stride-2 map) as `fine`"
+                )
+            fine, stem = fine
         if (fine is None) != (self.fine is None):
             raise ValueError(
                 f"{name}: a stride-4 map is passed exactly when the branch was built with "
@@ -236,17 +265,23 @@ class _MaskFeatures(nn.Module):
         if first > 1:
             x = F.interpolate(x, scale_factor=first, mode="bilinear", align_corners=False)
         if fine is not None:
-            if fine.shape[-2:] != x.shape[-2:]:
-                raise ValueError(
-                    f"{name}: the stride-4 map is {tuple(fine.shape[-2:])}, the upsampled "
-                    f"P3 is {tuple(x.shape[-2:])}; pad the input to a multiple of 32"
-                )
-            x = x + self.fine(fine)  # [B, out_channels, 2 H_3, 2 W_3]
+            x = x + self.fine(self._same_size(fine, x, "stride-4 map"))  # [B, Cm, 2 H_3, 2 W_3]
             if self.upsample > 2:
                 x = F.interpolate(
                     x, scale_factor=self.upsample // 2, mode="bilinear", align_corners=False
                 )
+        if stem is not None:
+            x = x + self.stem(self._same_size(stem, x, "stride-2 map"))  # [B, Cm, 4 H_3, 4 W_3]
         return x
+
+    def _same_size(self, detail: Tensor, x: Tensor, what: str) -> Tensor:
+        """``detail`` if it has the upsampled features' size, else a ValueError saying so."""
+        if detail.shape[-2:] != x.shape[-2:]:
+            raise ValueError(
+                f"{type(self).__name__}: the {what} is {tuple(detail.shape[-2:])}, the upsampled "
+                f"P3 is {tuple(x.shape[-2:])}; pad the input to a multiple of 32"
+            )
+        return detail
 
 
 class MaskBranch(_MaskFeatures):
@@ -257,8 +292,8 @@ class MaskBranch(_MaskFeatures):
     coarser levels are upsampled (bilinear) to P3's size and summed; then ``num_convs`` 3x3 conv
     + ReLU layers and a 1x1 conv to ``out_channels``. ``norm`` adds GroupNorm after every 3x3
     conv (CondInst normalises its mask branch; off by default, the paper does not say).
-    ``upsample`` and ``fine``: see :class:`_MaskFeatures`. The paper's own description is a
-    single 1x1 conv (:class:`ProjectionMaskBranch`).
+    ``upsample``, ``fine`` and ``stem_channels``: see :class:`_MaskFeatures`. The paper's own
+    description is a single 1x1 conv (:class:`ProjectionMaskBranch`).
     """
 
     def __init__(
@@ -271,8 +306,9 @@ class MaskBranch(_MaskFeatures):
         norm: bool = False,
         upsample: int = 1,
         fine: bool = False,
+        stem_channels: int = 0,
     ):
-        super().__init__(upsample, fine)
+        super().__init__(upsample, fine, stem_channels)
         self.num_levels = num_levels
         self.refine = nn.ModuleList(
             nn.Sequential(*_conv_norm_relu(in_channels, channels, norm)) for _ in range(num_levels)
@@ -297,8 +333,8 @@ class ProjectionMaskBranch(_MaskFeatures):
     convolution to reduce the channel dimension to 8", i.e. one 1x1 conv of the fused P3
     (``in_channels -> out_channels``), no hidden layers.
 
-    ``upsample`` and ``fine`` as in :class:`_MaskFeatures` (``channels`` and ``norm`` size the
-    ``fine`` path only). On a 360x640 ResNet-50 frame it costs ~0.5 ms where CondInst's branch
+    ``upsample``, ``fine`` and ``stem_channels`` as in :class:`_MaskFeatures` (``channels`` and
+    ``norm`` size the ``fine`` path only). On a 360x640 ResNet-50 frame it costs ~0.5 ms where CondInst's branch
     (:class:`MaskBranch`, 128 channels) costs ~34 ms on 2 CPU cores (docs/benchmarks.md).
     """
 
@@ -310,8 +346,9 @@ class ProjectionMaskBranch(_MaskFeatures):
         fine: bool = False,
         channels: int = 128,
         norm: bool = False,
+        stem_channels: int = 0,
     ):
-        super().__init__(upsample, fine)
+        super().__init__(upsample, fine, stem_channels)
         self.proj = nn.Conv2d(in_channels, out_channels, 1)
         self._finish(fine, in_channels, channels, out_channels, norm)
 

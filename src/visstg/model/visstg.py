@@ -59,6 +59,14 @@ def _size_bound(value: float | str) -> float:
     return float(text.replace(".inf", "inf")) if text.endswith(".inf") else float(value)
 
 
+def _swap_halves(x: Tensor | tuple[Tensor, ...], b: int) -> Tensor | tuple[Tensor, ...]:
+    """``cat([x[b:], x[:b]])``, of each tensor of a tuple too (reference, target -> target,
+    reference)."""
+    if isinstance(x, tuple):
+        return tuple(torch.cat([t[b:], t[:b]]) for t in x)
+    return torch.cat([x[b:], x[:b]])
+
+
 def _as_ranges(size_ranges: Sequence[Sequence[float]]) -> tuple[tuple[float, float], ...]:
     """``[[lo, hi], ...]`` as floats; ``.inf`` / ``inf`` for an open upper end."""
     ranges = []
@@ -253,6 +261,13 @@ class VisSTG(nn.Module):
                 "backbone's stride-4 map is read by the mask branch only); set both "
                 "model.backbone.fine_level and model.mask_branch.fine, or neither"
             )
+        self.stem_level = bool(getattr(self.backbone, "stem_level", False))
+        if self.stem_level != (getattr(self.mask_branch, "stem", None) is not None):
+            raise ValueError(
+                "VisSTG: the backbone's stem_level and the mask branch's stem_channels must agree "
+                "(the backbone's stride-2 map is read by the mask branch only); set both "
+                "model.backbone.stem_level and model.mask_branch.stem_channels, or neither"
+            )
         branch_stride = strides[0] // getattr(self.mask_branch, "upsample", 1)
         if branch_stride != mask_feat_stride:
             raise ValueError(
@@ -294,8 +309,11 @@ class VisSTG(nn.Module):
 
     def _backbone(self, images: Tensor) -> tuple[Tensor | None, list[Tensor]]:
         """``(fine, levels)``: the backbone's stride-4 map for the mask branch (``fine_level``;
-        None otherwise) and its pyramid levels."""
+        None otherwise; with ``stem_level`` the pair of it and the stride-2 map) and its pyramid
+        levels."""
         feats = list(self.backbone(images))
+        if self.stem_level:
+            return (feats[0], feats[1]), feats[2:]
         return (feats[0], feats[1:]) if self.fine_level else (None, feats)
 
     def _soi(self, level: Tensor) -> Tensor:
@@ -435,7 +453,7 @@ class VisSTG(nn.Module):
             # Controller and mask branch: both frames (theta_k, the reference masks).
             thetas = self.controller(both)
             if fine is not None:  # the order of `both`: target, reference
-                fine = torch.cat([fine[b:], fine[:b]])
+                fine = _swap_halves(fine, b)
             mask_feats = self.mask_branch(both, fine)
         both_det = {k: [t.float() for t in v] for k, v in both_det.items()}
         det = {k: [t[:b] for t in v] for k, v in both_det.items()}
