@@ -119,6 +119,11 @@ def test_class_agnostic_nms_keeps_one_class_per_object():
     agnostic = decode_detections(pred, STRIDES, size, class_agnostic=True)[0]
     assert agnostic["labels"].tolist() == [0]
     assert agnostic["scores"].tolist() == pytest.approx([0.9])
+    # Every class's probability at the peak's cell (the tracker's soft class votes).
+    n_classes = pred["heatmap"][0].shape[1]
+    want = [0.9, 0.6] + [pytest.approx(0, abs=1e-3)] * (n_classes - 2)
+    assert agnostic["class_scores"].tolist() == [pytest.approx(want)]
+    assert aware["class_scores"].tolist() == [pytest.approx(want)] * 2
     # boxes that do not overlap are kept whatever their classes
     b = assign_targets([_target([[10.0, 10.0, 30.0, 30.0], [60, 30, 80, 50]], [0, 1])],
                        SHAPES, STRIDES, RANGES)  # fmt: skip

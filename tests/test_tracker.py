@@ -23,6 +23,8 @@ class ScriptedModel:
         self.t = 0
         self.seen_refs: list[int] = []
         self.seen_lost_kernels: list[int] = []
+        self.class_agnostic = False  # edges across classes too (edge_class_agnostic)
+        self.class_scores: list[list[list[float]]] | None = None  # per frame, per detection
 
     def inference_step(self, image, state=None, references=None, image_size=None, min_score=0):
         dets = self.script[self.t]
@@ -43,6 +45,8 @@ class ScriptedModel:
         labels = torch.tensor([lab for _, lab, _, _ in dets], dtype=torch.long)
         same_obj = ref_feats[:, 0] @ feats[:, 0].T  # [R, D]
         same_cls = ref_labels[:, None] == labels[None]
+        if self.class_agnostic:
+            same_cls = torch.ones_like(same_cls)
         out = {
             "boxes": boxes,
             "scores": torch.tensor([s for _, _, s, _ in dets]),
@@ -54,6 +58,8 @@ class ScriptedModel:
             "kernels": torch.zeros((d, 169)),
             "edge_scores": 0.9 * same_obj * same_cls,
         }
+        if self.class_scores is not None:
+            out["class_scores"] = torch.tensor(self.class_scores[self.t - 1]).reshape(d, -1)
         return out, state
 
 
@@ -140,6 +146,34 @@ def test_video_results_vote_category_and_average_score() -> None:
     np.testing.assert_array_equal(np.argwhere(m).max(0), [15, 15])
     # bilinear upsampling of the logits trims the four box corners: 144 - 4 pixels
     assert m.sum() == 12 * 12 - 4
+
+
+def test_soft_class_votes_spread_each_frame_score_over_its_class_probabilities() -> None:
+    """One object detected as class 1 twice by a hair (0.40 against 0.39 for class 2) and once
+    clearly as class 2 (0.60 against 0.10): the hard vote gives class 1 (0.8 against 0.6), the
+    soft vote class 2, each frame's score split in proportion to its class probabilities."""
+    frames = [(1, 0.40, [0.0, 0.40, 0.39]), (1, 0.40, [0.0, 0.40, 0.39]), (2, 0.6, [0, 0.1, 0.6])]
+    script = [[(0, label, score, BOX_A)] for label, score, _ in frames]
+    labels = {}
+    for votes in ("hard", "soft"):
+        model = ScriptedModel(script)
+        model.class_agnostic = True
+        model.class_scores = [[probs] for _, _, probs in frames]
+        tracker = OnlineTracker(model, TrackerConfig(class_votes=votes))
+        for _ in script:
+            tracker.step(torch.zeros(3, H, W), (H, W), (H, W))
+        (res,) = tracker.video_results(len(script))
+        labels[votes] = res["label"]
+        if votes == "soft":
+            one = 0.40 / 0.79 * 0.40
+            want = [0.0, 2 * one + 0.1 / 0.7 * 0.6, 2 * (0.40 - one) + 0.6 / 0.7 * 0.6]
+            np.testing.assert_allclose(tracker.live[0].class_votes, want)
+    assert labels == {"hard": 1, "soft": 2}
+    # A model without class_scores: the soft vote is the hard one.
+    tracker, _ = run(script, class_votes="soft")
+    assert [r["label"] for r in tracker.video_results(len(script))] == [1, 2]
+    with pytest.raises(ValueError, match="class_votes"):
+        TrackerConfig(class_votes="majority")
 
 
 def test_video_score_weighted_by_coverage() -> None:

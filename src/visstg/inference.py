@@ -204,7 +204,10 @@ def tracker_config(stored: dict | None, overrides: dict | None):
     unknown = set(values) - set(TrackerConfig.__dataclass_fields__)
     if unknown:
         raise UsageError(f"unknown tracker option(s): {', '.join(sorted(unknown))}")
-    return TrackerConfig(**values)
+    try:
+        return TrackerConfig(**values)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def infer_split(

@@ -50,7 +50,8 @@ class InferenceModel(Protocol):
     tracker keeps each track's latest value and passes them back as ``memory_<key> [R, ...]``.
     The outputs (Dn detections) used here: ``boxes [Dn, 4]`` xyxy input px, ``scores [Dn]``,
     ``labels [Dn]``, ``levels [Dn]``, ``cells [Dn, 2]``, ``masks [Dn, H/4, W/4]`` logits,
-    ``edge_scores [R, Dn]`` (0 where no edge), ``node_features [Dn, L, D]``, ``kernels [Dn, P]``.
+    ``edge_scores [R, Dn]`` (0 where no edge), ``node_features [Dn, L, D]``, ``kernels [Dn, P]``,
+    and for ``class_votes="soft"`` ``class_scores [Dn, C]`` (without it a soft vote is the hard one).
     ``min_score``: detections scoring below it may be left out (the tracker discards them).
     """
 
@@ -77,6 +78,12 @@ class TrackerConfig:
         / frames of the video) ** coverage_power; 0 gives the plain mean (MaskTrack R-CNN's).
         The score only ranks tracks for AP: a short track of a few confident frames (a false
         positive, or a fragment of an object another track covers) ranks below a whole one.
+    class_votes: a track's category is the class of most votes, each frame voting with its
+        detection score: ``"hard"`` for the detection's label only (DESIGN.md), ``"soft"``
+        spread over the classes in proportion to their heatmap probabilities at the peak
+        (``class_scores``). A frame whose peak is a ring at 0.35 and a disc at 0.30 then counts
+        for both, so a track that flickers between two close classes gets the one that is high
+        in most frames, not the one that wins most frames by a hair.
     """
 
     score_threshold: float = 0.1
@@ -85,6 +92,16 @@ class TrackerConfig:
     max_age: int = 7
     mask_threshold: float = 0.5
     coverage_power: float = 0.0
+    class_votes: str = "hard"
+
+    def __post_init__(self) -> None:
+        if self.class_votes not in CLASS_VOTES:
+            raise ValueError(
+                f"tracker.class_votes must be one of {CLASS_VOTES}, got {self.class_votes!r}"
+            )
+
+
+CLASS_VOTES = ("hard", "soft")
 
 
 @dataclass
@@ -104,14 +121,20 @@ class Track:
     frames: dict[int, tuple[dict, float, int]] = field(
         default_factory=dict
     )  # t -> rle, score, label
+    # Soft class votes summed over the frames ([C], float64; class_votes="soft" only).
+    class_votes: torch.Tensor | None = None
 
     def video_result(self, length: int, coverage_power: float = 0.0) -> dict[str, Any]:
-        """Video-level result: category by score-weighted vote, score = mean frame score times
-        (covered frames / ``length``) ** ``coverage_power`` (:class:`TrackerConfig`)."""
-        votes: dict[int, float] = defaultdict(float)
-        for _, score, label in self.frames.values():
-            votes[label] += score
-        label = max(votes, key=lambda k: (votes[k], -k))
+        """Video-level result: category by score-weighted vote (soft when the track has
+        ``class_votes``, :class:`TrackerConfig`), score = mean frame score times (covered frames
+        / ``length``) ** ``coverage_power``."""
+        if self.class_votes is not None:
+            label = int(self.class_votes.argmax())  # the first of equal votes, as below
+        else:
+            votes: dict[int, float] = defaultdict(float)
+            for _, score, label in self.frames.values():
+                votes[label] += score
+            label = max(votes, key=lambda k: (votes[k], -k))
         mean = float(np.mean([s for _, s, _ in self.frames.values()]))
         coverage = len(self.frames) / max(length, 1)
         return {
@@ -281,6 +304,12 @@ class OnlineTracker:
         for (_, track, score, label), rle in zip(used, rles):
             track.frames[t] = (rle, score, label)
             results.append((track.id, label, score, rle))
+        if self.cfg.class_votes == "soft" and "class_scores" in out and used:
+            probs = out["class_scores"][sel].to(torch.float64).cpu()  # [U, C]
+            votes = probs / probs.sum(1, keepdim=True).clamp(min=1e-12)
+            for (_, track, score, _), vote in zip(used, votes):
+                vote = vote * score
+                track.class_votes = vote if track.class_votes is None else track.class_votes + vote
 
         still_live = []
         for i, track in enumerate(self.live):

@@ -502,7 +502,8 @@ def decode_detections(
     Returns:
         list of B dicts: ``boxes [D, 4]`` xyxy input px, ``scores [D]``, ``labels [D]``,
         ``levels [D]``, ``cells [D, 2]`` (y, x of the peak on its level), ``centers [D, 2]``
-        (x, y input px of the peak: cell + predicted offset, before clipping), sorted by score.
+        (x, y input px of the peak: cell + predicted offset, before clipping), ``class_scores
+        [D, C]`` (every class's heatmap probability at the peak's cell), sorted by score.
     """
     heat_maps = pred["heatmap"]
     bsz, num_classes = heat_maps[0].shape[:2]
@@ -539,6 +540,10 @@ def decode_detections(
     label = rem // hw
     pix = rem % hw
     y, x = pix // widths[level], pix % widths[level]
+    # Every class's heatmap at each peak's cell (the tracker's soft class votes).
+    heat_all = torch.cat([h.flatten(2) for h in heat_maps], 2)  # [B, C, P] logits
+    cls_flat = (pix_starts[level] + pix)[:, None, :].expand(-1, num_classes, -1)  # [B, C, k]
+    class_scores = heat_all.gather(2, cls_flat).sigmoid().transpose(1, 2)  # [B, k, C]
     if regress is None:
         sizes_all = torch.cat([s.flatten(2) for s in pred["size"]], 2)  # [B, 2, P]
         offsets_all = torch.cat([o.flatten(2) for o in pred["offset"]], 2)  # P = sum_l H_l*W_l
@@ -566,7 +571,9 @@ def decode_detections(
     keep = (scores > score_thresh) & (scores >= min_score)
     keep &= (cx >= 0) & (cx < img_w) & (cy >= 0) & (cy < img_h)
 
-    boxes, scores, label, level, image = (t[keep] for t in (boxes, scores, label, level, image))
+    boxes, scores, label, level, image, class_scores = (
+        t[keep] for t in (boxes, scores, label, level, image, class_scores)
+    )
     cells = torch.stack([y[keep], x[keep]], dim=-1)  # [n, 2]
     centers = torch.stack([cx[keep], cy[keep]], dim=-1)  # [n, 2]
     groups = image if class_agnostic else image * num_classes + label
@@ -583,6 +590,7 @@ def decode_detections(
                 "levels": level[sel],
                 "cells": cells[sel],
                 "centers": centers[sel],
+                "class_scores": class_scores[sel],
             }
         )
     return out

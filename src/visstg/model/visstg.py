@@ -539,7 +539,8 @@ class VisSTG(nn.Module):
             ``(outputs, new_state)``. ``outputs`` (Dn detections, R = A + K references, active
             tracks first then memory entries):
                 - ``boxes [Dn, 4]``, ``scores [Dn]``, ``labels [Dn]``, ``levels [Dn]``,
-                  ``cells [Dn, 2]`` (y, x of the peak), sorted by score
+                  ``cells [Dn, 2]`` (y, x of the peak), ``class_scores [Dn, C]`` (every class's
+                  heatmap probability at the peak), sorted by score
                 - ``masks [Dn, H/4, W/4]`` mask logits at stride 4 (``mask_combine`` of M and
                   M' when a reference frame exists and propagation is on, else M)
                 - ``edge_scores [R, Dn]`` association probabilities (0 where no same-class edge)
