@@ -167,7 +167,7 @@ def test_soft_class_votes_spread_each_frame_score_over_its_class_probabilities()
         if votes == "soft":
             one = 0.40 / 0.79 * 0.40
             want = [0.0, 2 * one + 0.1 / 0.7 * 0.6, 2 * (0.40 - one) + 0.6 / 0.7 * 0.6]
-            np.testing.assert_allclose(tracker.live[0].class_votes, want)
+            np.testing.assert_allclose(tracker.live[0].soft_votes, want)
     assert labels == {"hard": 1, "soft": 2}
     # A model without class_scores: the soft vote is the hard one.
     tracker, _ = run(script, class_votes="soft")

@@ -612,8 +612,8 @@ def test_stem_map_feeds_the_mask_branch_and_the_masks_come_out_at_stride_2():
         res2, _ = net.inference_step(batch["tgt_images"][:1], state, None)
     assert res["masks"].shape[-2:] == res2["masks"].shape[-2:] == (H // 2, W // 2)
     fine_only = MaskBranch(D, D, num_convs=2, upsample=4, fine=True)
-    with pytest.raises(ValueError, match="stem_level"):
+    with pytest.raises(ValueError, match="stem_channels must agree"):
         tiny_net(mask_branch=fine_only, backbone=backbone, mask_feat_stride=2)
     plain_backbone = ResNetFPN(18, D, norm="bn", trainable_layers=5, fine_level=True)
-    with pytest.raises(ValueError, match="stem_level"):
+    with pytest.raises(ValueError, match="stem_channels must agree"):
         tiny_net(mask_branch=branch, backbone=plain_backbone, mask_feat_stride=2)

@@ -122,14 +122,14 @@ class Track:
         default_factory=dict
     )  # t -> rle, score, label
     # Soft class votes summed over the frames ([C], float64; class_votes="soft" only).
-    class_votes: torch.Tensor | None = None
+    soft_votes: torch.Tensor | None = None
 
     def video_result(self, length: int, coverage_power: float = 0.0) -> dict[str, Any]:
         """Video-level result: category by score-weighted vote (soft when the track has
-        ``class_votes``, :class:`TrackerConfig`), score = mean frame score times (covered frames
-        / ``length``) ** ``coverage_power``."""
-        if self.class_votes is not None:
-            label = int(self.class_votes.argmax())  # the first of equal votes, as below
+        ``soft_votes``, :class:`TrackerConfig` ``class_votes``), score = mean frame score times
+        (covered frames / ``length``) ** ``coverage_power``."""
+        if self.soft_votes is not None:
+            label = int(self.soft_votes.argmax())  # the first of equal votes, as below
         else:
             votes: dict[int, float] = defaultdict(float)
             for _, score, label in self.frames.values():
@@ -256,15 +256,23 @@ class OnlineTracker:
             # Detections, highest score first (stable); those >= score_threshold are a prefix.
             order = torch.argsort(scores, descending=True, stable=True)
             n_refs = len(self.live)
-            # One device -> host transfer per frame: scores, labels, levels and edge scores.
+            # One device -> host transfer per frame: scores, labels, levels, edge scores and,
+            # for soft class votes, the class probabilities.
             rows = [scores[order], out["labels"][order], out["levels"][order]]
             if n_refs:
                 rows += list(out["edge_scores"][:n_refs, order])
-            host = torch.stack([r.to(torch.float64) for r in rows]).cpu()  # [3 + R, Dn]
+            soft = self.cfg.class_votes == "soft" and "class_scores" in out
+            if soft:
+                rows += list(out["class_scores"][order].T)
+            host = torch.stack([r.to(torch.float64) for r in rows]).cpu()  # [3 + R (+ C), Dn]
             host_scores, host_labels, host_levels = host[0], host[1].long(), host[2].long()
             k = int((host_scores >= self.cfg.score_threshold).sum())
             idx = order[:k]  # kept detections (device), highest score first
-            assigned = self._associate(host[3:, :k])  # kept detection -> live track or None
+            # kept detection -> live track or None
+            assigned = self._associate(host[3 : 3 + n_refs, :k])
+            if soft:  # each kept detection's vote: its class probabilities, normalised
+                probs = host[3 + n_refs :, :k].T  # [k, C]
+                votes = probs / probs.sum(1, keepdim=True).clamp(min=1e-12)
         stride = getattr(self.model, "mask_stride", 4)
         kernels = out.get("kernels")
         boxes, cells = out["boxes"][idx], out["cells"][idx]
@@ -294,6 +302,9 @@ class OnlineTracker:
             track.kernel = kernels[det] if kernels is not None else None
             track.extra = {key: out[key][det] for key in self.track_state_keys}
             used.append((j, track, score, label))
+            if soft:
+                vote = votes[j] * score
+                track.soft_votes = vote if track.soft_votes is None else track.soft_votes + vote
         with timer.stage("rle"):
             # Only the masks that end up in a track are upsampled and encoded.
             sel = idx[torch.tensor([j for j, *_ in used], dtype=torch.long, device=idx.device)]
@@ -304,12 +315,6 @@ class OnlineTracker:
         for (_, track, score, label), rle in zip(used, rles):
             track.frames[t] = (rle, score, label)
             results.append((track.id, label, score, rle))
-        if self.cfg.class_votes == "soft" and "class_scores" in out and used:
-            probs = out["class_scores"][sel].to(torch.float64).cpu()  # [U, C]
-            votes = probs / probs.sum(1, keepdim=True).clamp(min=1e-12)
-            for (_, track, score, _), vote in zip(used, votes):
-                vote = vote * score
-                track.class_votes = vote if track.class_votes is None else track.class_votes + vote
 
         still_live = []
         for i, track in enumerate(self.live):

@@ -183,7 +183,7 @@ class _MaskFeatures(nn.Module):
 
     ``stem_channels`` > 0 (needs ``fine`` and ``upsample=4``) adds real stride-2 detail the same
     way: the forward's ``fine`` is then a pair (stride-4 map, stride-2 map with
-    ``stem_channels`` channels, ``ResNetFPN(stem_level=True)``'s stem lateral); the stride-2 map
+    ``stem_channels`` channels, ``ResNetFPN(stem_channels=...)``'s stem lateral); the stride-2 map
     goes through one 3x3 conv (``stem_channels -> stem_channels``) + ReLU (GroupNorm with
     ``norm``) and a 1x1 conv to ``out_channels``, and is added to the stride-4 sum resized to
     stride 2, where the dynamic head then runs.
@@ -334,8 +334,9 @@ class ProjectionMaskBranch(_MaskFeatures):
     (``in_channels -> out_channels``), no hidden layers.
 
     ``upsample``, ``fine`` and ``stem_channels`` as in :class:`_MaskFeatures` (``channels`` and
-    ``norm`` size the ``fine`` path only). On a 360x640 ResNet-50 frame it costs ~0.5 ms where CondInst's branch
-    (:class:`MaskBranch`, 128 channels) costs ~34 ms on 2 CPU cores (docs/benchmarks.md).
+    ``norm`` size the ``fine`` path only). On a 360x640 ResNet-50 frame it costs ~0.5 ms where
+    CondInst's branch (:class:`MaskBranch`, 128 channels) costs ~34 ms on 2 CPU cores
+    (docs/benchmarks.md).
     """
 
     def __init__(

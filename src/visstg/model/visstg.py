@@ -264,9 +264,9 @@ class VisSTG(nn.Module):
         self.stem_level = bool(getattr(self.backbone, "stem_level", False))
         if self.stem_level != (getattr(self.mask_branch, "stem", None) is not None):
             raise ValueError(
-                "VisSTG: the backbone's stem_level and the mask branch's stem_channels must agree "
-                "(the backbone's stride-2 map is read by the mask branch only); set both "
-                "model.backbone.stem_level and model.mask_branch.stem_channels, or neither"
+                "VisSTG: the backbone's stem_channels and the mask branch's stem_channels must "
+                "agree (the backbone's stride-2 map is read by the mask branch only); set both "
+                "model.backbone.stem_channels and model.mask_branch.stem_channels, or neither"
             )
         branch_stride = strides[0] // getattr(self.mask_branch, "upsample", 1)
         if branch_stride != mask_feat_stride:
