@@ -50,6 +50,7 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     # kernels are read at the centre cells only (model.mask_neighbours measured worse).
     assert cfg["tracker"]["mask_threshold"] == 0.4 and model["mask_neighbours"] == 0
     assert cfg["tracker"]["coverage_power"] == 0.5 and cfg["tracker"]["class_votes"] == "soft"
+    assert cfg["tracker"]["maskness_power"] == 3.0
     # The mask branch reads the backbone's stride-4 C2 map; dice + in-box BCE.
     assert model["mask_branch"]["fine"] and model["backbone"]["fine_level"]
     assert model["mask_branch"]["stem_channels"] == model["backbone"]["stem_channels"] == 0
@@ -108,5 +109,6 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert cfg["tracker"]["match_threshold"] == 0.5
     assert cfg["tracker"]["new_track_threshold"] == 0.2
     assert cfg["tracker"]["mask_threshold"] == 0.5 and cfg["tracker"]["coverage_power"] == 0.0
+    assert cfg["tracker"]["maskness_power"] == 0.0
     assert cfg["tracker"]["class_votes"] == "hard"
     assert cfg["data"]["epoch_pairs"] is None

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
-from visstg.tracker import OnlineTracker, TrackerConfig, encode_masks
+from visstg.tracker import OnlineTracker, TrackerConfig, encode_masks, maskness
 
 H, W = 32, 48  # input == original size in these tests; masks at stride 4 -> 8 x 12
 
@@ -190,6 +190,42 @@ def test_video_score_weighted_by_coverage() -> None:
     assert short["score"] == pytest.approx(0.7 * (1 / 4) ** 0.5)
     tracker, _ = run(script)  # coverage_power 0: the plain means, the short track first
     assert [r["score"] for r in tracker.video_results(len(script))] == pytest.approx([0.7, 0.7])
+
+
+def test_maskness_is_the_mean_probability_of_the_mask_pixels() -> None:
+    logits = torch.full((3, 8, 12), -10.0)
+    logits[0, 1:3, 1:3] = torch.logit(torch.tensor(0.8))  # four cells at 0.8
+    logits[0, 4, 4] = torch.logit(torch.tensor(0.6))  # and one at 0.6
+    logits[1, :, 10:] = 10.0  # only in the padding: outside the 32 x 36 valid region
+    logits[2, 0, 0] = torch.logit(torch.tensor(0.3))  # under the threshold: no mask at all
+    got = maskness(logits, valid_size=(32, 36), mask_stride=4, threshold=0.5)
+    assert got.tolist() == pytest.approx([(4 * 0.8 + 0.6) / 5, 0.0, 0.0])
+
+
+def test_video_score_weighted_by_maskness() -> None:
+    """maskness_power ranks a track whose masks the model is unsure of below one of the same
+    detection scores with confident masks; the detections' own scores are unchanged."""
+
+    class UnsureOfB(ScriptedModel):
+        def inference_step(self, image, state=None, references=None, image_size=None, min_score=0):
+            out, state = super().inference_step(image, state, references, image_size)
+            unsure = out["node_features"][:, 0, 1] > 0  # object 1's masks: probability 0.6
+            out["masks"][unsure] = out["masks"][unsure].clamp(
+                max=float(torch.logit(torch.tensor(0.6)))
+            )
+            return out, state  # fmt: skip
+
+    script = [[(0, 1, 0.8, BOX_A), (1, 2, 0.8, BOX_B)]] * 3
+    tracker = OnlineTracker(UnsureOfB(script), TrackerConfig(maskness_power=3.0))
+    frames = [tracker.step(torch.zeros(3, H, W), (H, W), (H, W)) for _ in script]
+    assert [s for f in frames for _, _, s, _ in f] == pytest.approx([0.8] * 6)
+    sure, unsure = tracker.video_results(len(script))
+    assert sure["score"] == pytest.approx(0.8 * torch.sigmoid(torch.tensor(10.0)).item() ** 3)
+    assert unsure["score"] == pytest.approx(0.8 * 0.6**3)
+    tracker, _ = run(script)  # maskness_power 0: the detection scores alone
+    assert [r["score"] for r in tracker.video_results(len(script))] == pytest.approx([0.8, 0.8])
+    with pytest.raises(ValueError, match="maskness_power"):
+        TrackerConfig(maskness_power=-1.0)
 
 
 def test_encode_masks_maps_back_to_original_resolution() -> None:

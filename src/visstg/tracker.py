@@ -84,6 +84,10 @@ class TrackerConfig:
         (``class_scores``). A frame whose peak is a ring at 0.35 and a disc at 0.30 then counts
         for both, so a track that flickers between two close classes gets the one that is high
         in most frames, not the one that wins most frames by a hair.
+    maskness_power: each frame's score in that mean is multiplied by its mask's maskness **
+        maskness_power, the maskness being the mean probability of the pixels above
+        ``mask_threshold`` (SOLOv2's): a track whose masks the model is unsure of ranks lower.
+        0 (the default) leaves the detection scores alone; only the video-level score changes.
     """
 
     score_threshold: float = 0.1
@@ -93,8 +97,11 @@ class TrackerConfig:
     mask_threshold: float = 0.5
     coverage_power: float = 0.0
     class_votes: str = "hard"
+    maskness_power: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.maskness_power < 0:
+            raise ValueError(f"tracker.maskness_power must be >= 0, got {self.maskness_power}")
         if self.class_votes not in CLASS_VOTES:
             raise ValueError(
                 f"tracker.class_votes must be one of {CLASS_VOTES}, got {self.class_votes!r}"
@@ -123,8 +130,12 @@ class Track:
     )  # t -> rle, score, label
     # Soft class votes summed over the frames ([C], float64; class_votes="soft" only).
     soft_votes: torch.Tensor | None = None
+    # Mask confidence of each frame's mask (mean probability of its pixels; maskness_power > 0).
+    maskness: dict[int, float] = field(default_factory=dict)
 
-    def video_result(self, length: int, coverage_power: float = 0.0) -> dict[str, Any]:
+    def video_result(
+        self, length: int, coverage_power: float = 0.0, maskness_power: float = 0.0
+    ) -> dict[str, Any]:
         """Video-level result: category by score-weighted vote (soft when the track has
         ``soft_votes``, :class:`TrackerConfig` ``class_votes``), score = mean frame score times
         (covered frames / ``length``) ** ``coverage_power``."""
@@ -135,7 +146,14 @@ class Track:
             for _, score, label in self.frames.values():
                 votes[label] += score
             label = max(votes, key=lambda k: (votes[k], -k))
-        mean = float(np.mean([s for _, s, _ in self.frames.values()]))
+        mean = float(
+            np.mean(
+                [
+                    s * self.maskness.get(t, 1.0) ** maskness_power
+                    for t, (_, s, _) in self.frames.items()
+                ]
+            )
+        )
         coverage = len(self.frames) / max(length, 1)
         return {
             "track_id": self.id,
@@ -145,6 +163,17 @@ class Track:
                 self.frames[t][0] if t in self.frames else None for t in range(length)
             ],
         }
+
+
+def maskness(
+    mask_logits: torch.Tensor, valid_size: tuple[int, int], mask_stride: int, threshold: float
+) -> torch.Tensor:
+    """[D] mean probability of each mask's foreground cells (SOLOv2's maskness)."""
+    h, w = valid_size
+    hs, ws = math.ceil(h / mask_stride), math.ceil(w / mask_stride)
+    p = mask_logits[:, :hs, :ws].float().sigmoid()
+    fg = p > threshold
+    return (p * fg).sum((1, 2)) / fg.sum((1, 2)).clamp(min=1)
 
 
 def encode_masks(
@@ -311,9 +340,16 @@ class OnlineTracker:
             rles = encode_masks(
                 out["masks"][sel], valid_size, orig_size, stride, self.cfg.mask_threshold
             )
+            if self.cfg.maskness_power > 0:
+                quality = maskness(
+                    out["masks"][sel], valid_size, stride, self.cfg.mask_threshold
+                ).tolist()
+            else:
+                quality = [1.0] * len(used)
         results = []
-        for (_, track, score, label), rle in zip(used, rles):
+        for (_, track, score, label), rle, q in zip(used, rles, quality):
             track.frames[t] = (rle, score, label)
+            track.maskness[t] = q
             results.append((track.id, label, score, rle))
 
         still_live = []
@@ -348,8 +384,8 @@ class OnlineTracker:
     def video_results(self, length: int) -> list[dict[str, Any]]:
         """Every track of the video (finished and live) as a video-level result."""
         tracks = sorted(self.finished + self.live, key=lambda tr: tr.id)
-        power = self.cfg.coverage_power
-        return [tr.video_result(length, power) for tr in tracks if tr.frames]
+        powers = self.cfg.coverage_power, self.cfg.maskness_power
+        return [tr.video_result(length, *powers) for tr in tracks if tr.frames]
 
     def run(self, video) -> list[dict[str, Any]]:
         """Track a whole :class:`~visstg.data.datamodule.VideoSample`; returns video results."""
