@@ -137,8 +137,9 @@ class Track:
         self, length: int, coverage_power: float = 0.0, maskness_power: float = 0.0
     ) -> dict[str, Any]:
         """Video-level result: category by score-weighted vote (soft when the track has
-        ``soft_votes``, :class:`TrackerConfig` ``class_votes``), score = mean frame score times
-        (covered frames / ``length``) ** ``coverage_power``."""
+        ``soft_votes``, :class:`TrackerConfig` ``class_votes``), score = mean over the covered
+        frames of (frame score x maskness ** ``maskness_power``) times (covered frames /
+        ``length``) ** ``coverage_power``."""
         if self.soft_votes is not None:
             label = int(self.soft_votes.argmax())  # the first of equal votes, as below
         else:
@@ -168,7 +169,8 @@ class Track:
 def maskness(
     mask_logits: torch.Tensor, valid_size: tuple[int, int], mask_stride: int, threshold: float
 ) -> torch.Tensor:
-    """[D] mean probability of each mask's foreground cells (SOLOv2's maskness)."""
+    """[D] mean probability of each mask's cells above ``threshold`` (SOLOv2's maskness; 0
+    for a mask with none), read on the logits' own grid inside the valid region."""
     h, w = valid_size
     hs, ws = math.ceil(h / mask_stride), math.ceil(w / mask_stride)
     p = mask_logits[:, :hs, :ws].float().sigmoid()
