@@ -33,7 +33,7 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     assert cfg["data"]["crop_size"] == [128, 224] and cfg["data"]["test_size"] == 160
     assert cfg["data"]["train_sizes"] == [144, 160, 176] and cfg["trainer"]["max_epochs"] == 15
     # Half of the pairs get another training video's objects pasted on top (copy-paste).
-    assert cfg["data"]["copy_paste"] == 0.75
+    assert cfg["data"]["copy_paste"] == 0.5
     assert model["backbone"]["width"] == 32
     # The synthetic default trains detection on the reference frame too, runs the backbone
     # in bf16 (float32 maps out) and associates across classes.
