@@ -171,9 +171,7 @@ def maskness(
 ) -> torch.Tensor:
     """[D] mean probability of each mask's cells above ``threshold`` (SOLOv2's maskness; 0
     for a mask with none), read on the logits' own grid inside the valid region."""
-    h, w = valid_size
-    hs, ws = math.ceil(h / mask_stride), math.ceil(w / mask_stride)
-    p = mask_logits[:, :hs, :ws].float().sigmoid()
+    p = _valid_cells(mask_logits, valid_size, mask_stride).sigmoid()
     fg = p > threshold
     return (p * fg).sum((1, 2)) / fg.sum((1, 2)).clamp(min=1)
 
@@ -195,8 +193,8 @@ def encode_masks(
     if mask_logits.shape[0] == 0:
         return []
     h, w = valid_size
-    hs, ws = (h + mask_stride - 1) // mask_stride, (w + mask_stride - 1) // mask_stride
-    logits = mask_logits[:, :hs, :ws].float()  # [D, hs, ws] valid region only
+    logits = _valid_cells(mask_logits, valid_size, mask_stride)  # [D, hs, ws]
+    hs, ws = logits.shape[-2:]
     logits = F.interpolate(logits[None], size=(hs * mask_stride, ws * mask_stride), mode="bilinear")
     logits = logits[0, :, :h, :w]  # [D, h, w]
     if tuple(orig_size) != (h, w):  # a same-size bilinear resize is the identity: skip it
@@ -206,6 +204,16 @@ def encode_masks(
     masks = _above(logits, threshold).to(torch.uint8).transpose(1, 2).contiguous()
     rles = mask_utils.encode(masks.cpu().numpy().transpose(2, 1, 0))
     return [{"size": r["size"], "counts": r["counts"].decode()} for r in rles]
+
+
+def _valid_cells(
+    mask_logits: torch.Tensor, valid_size: tuple[int, int], mask_stride: int
+) -> torch.Tensor:
+    """``[D, hs, ws]`` float32: the cells of ``[D, h, w]`` logits (at ``mask_stride`` of the
+    padded input) that cover the valid region ``valid_size`` (any part of it)."""
+    h, w = valid_size
+    hs, ws = (h + mask_stride - 1) // mask_stride, (w + mask_stride - 1) // mask_stride
+    return mask_logits[:, :hs, :ws].float()
 
 
 def _above(logits: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -339,13 +347,10 @@ class OnlineTracker:
         with timer.stage("rle"):
             # Only the masks that end up in a track are upsampled and encoded.
             sel = idx[torch.tensor([j for j, *_ in used], dtype=torch.long, device=idx.device)]
-            rles = encode_masks(
-                out["masks"][sel], valid_size, orig_size, stride, self.cfg.mask_threshold
-            )
+            masks = out["masks"][sel]
+            rles = encode_masks(masks, valid_size, orig_size, stride, self.cfg.mask_threshold)
             if self.cfg.maskness_power > 0:
-                quality = maskness(
-                    out["masks"][sel], valid_size, stride, self.cfg.mask_threshold
-                ).tolist()
+                quality = maskness(masks, valid_size, stride, self.cfg.mask_threshold).tolist()
             else:
                 quality = [1.0] * len(used)
         results = []
