@@ -46,9 +46,11 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     assert model["mask_negative_slope"] == 0.01
     # One GNN update (docs/ablations.md, Table 1).
     assert model["gnn"]["iterations"] == 1
-    # Tracker thresholds chosen on the tuning set (conf/train.yaml), mask pixels at 0.4; the
+    # Tracker thresholds chosen on the tuning set (conf/train.yaml), mask pixels at 0.45; the
     # kernels are read at the centre cells only (model.mask_neighbours measured worse).
-    assert cfg["tracker"]["mask_threshold"] == 0.4 and model["mask_neighbours"] == 0
+    assert cfg["tracker"]["mask_threshold"] == 0.45 and model["mask_neighbours"] == 0
+    # Masks also predicted on the mirrored frame at inference (conf/head/default.yaml).
+    assert model["test_flip_masks"] is True and model["mask_combine"] == "mean"
     assert cfg["tracker"]["coverage_power"] == 0.5 and cfg["tracker"]["class_votes"] == "soft"
     assert cfg["tracker"]["maskness_power"] == 3.0
     # The mask branch reads the backbone's stride-4 C2 map; dice + in-box BCE.
@@ -111,4 +113,5 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert cfg["tracker"]["mask_threshold"] == 0.5 and cfg["tracker"]["coverage_power"] == 0.0
     assert cfg["tracker"]["maskness_power"] == 0.0
     assert cfg["tracker"]["class_votes"] == "hard"
+    assert cfg["model"]["test_flip_masks"] is False
     assert cfg["data"]["epoch_pairs"] is None

@@ -39,3 +39,10 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device={device} requested but CUDA is not available on this machine")
     return device
+
+
+def checkpoint_overrides(cfg: Any) -> dict[str, Any] | None:
+    """Model options that a CLI's config may set over the checkpoint's stored ones (None
+    keeps the stored value): ``test_flip_masks``, the mirrored-frame mask averaging."""
+    value = cfg.get("test_flip_masks")
+    return None if value is None else {"test_flip_masks": bool(value)}

@@ -68,7 +68,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """
     from omegaconf import OmegaConf
 
-    from visstg.cli import resolve_device
+    from visstg.cli import checkpoint_overrides, resolve_device
     from visstg.eval.results import make_submission_zip, write_results
     from visstg.inference import (
         autocast_context,
@@ -91,7 +91,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     device = resolve_device(cfg.get("device", "auto"))
     precision = cfg.get("precision", "fp32")
     autocast_context(device, precision)  # a bad precision fails before anything is loaded
-    model = load_checkpoint(cfg.ckpt_path, device)
+    model = load_checkpoint(cfg.ckpt_path, device, model_overrides=checkpoint_overrides(cfg))
     if cfg.get("channels_last"):
         model.net = optimise_for_inference(model.net, device, channels_last=True, fuse_norms=False)
     chosen = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else {}

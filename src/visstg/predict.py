@@ -23,7 +23,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from visstg.cli import UsageError, exit_on_user_error, resolve_device
+from visstg.cli import UsageError, checkpoint_overrides, exit_on_user_error, resolve_device
 from visstg.config import CONFIG_DIR, register_resolvers
 
 register_resolvers()
@@ -70,7 +70,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     video = open_video(cfg.input, fps=cfg.fps)
     device = resolve_device(cfg.device)
     autocast = autocast_context(device, cfg.precision)  # a bad precision fails before loading
-    model = load_checkpoint(cfg.ckpt_path, device)
+    model = load_checkpoint(cfg.ckpt_path, device, model_overrides=checkpoint_overrides(cfg))
     model.net = optimise_for_inference(
         model.net, device, cfg.channels_last, fuse_norms=cfg.fuse_norms
     )

@@ -112,6 +112,15 @@ class VisSTG(nn.Module):
             why the from-scratch default leaks).
         mask_combine: inference mask logit when a reference exists: ``"mean"`` of M and M',
             ``"target"`` (M only) or ``"warp"`` (M' only).
+        test_flip_masks: inference also predicts each detection's M on the frame mirrored
+            left-right and averages the logits: ``"mean"`` gives (M + M_flip + M') / 3,
+            ``"target"`` (M + M_flip) / 2 (``"warp"`` reads no M, so nothing changes). The mirrored
+            frame has its own backbone, graph and GNN pass (the active tracks' mirrored boxes
+            on the previous mirrored frame; memory entries, whose stored features are of the
+            unmirrored frames, are left out of its graph), and its kernels are read at the
+            mirrored peak cells with mirrored centres. Detection, association and M' come from
+            the frame itself. Test-time augmentation: about a backbone, graph and GNN more per
+            frame.
         mask_neighbours: training reads the target and reference kernels (M and the reference
             masks) at every cell within this many cells of a ground-truth centre that lies in
             its box (:func:`~visstg.model.detection.neighbour_cells`), not at the centre cell
@@ -171,6 +180,7 @@ class VisSTG(nn.Module):
         mask_upsample: int = 2,
         mask_negative_slope: float = 0.0,
         mask_combine: str = "mean",
+        test_flip_masks: bool = False,
         mask_neighbours: int = 0,
         fusion: str = "relation",
         association: str = "edge",
@@ -216,6 +226,7 @@ class VisSTG(nn.Module):
             raise ValueError(f"VisSTG: mask_negative_slope must be >= 0, got {mask_negative_slope}")
         self.mask_negative_slope = float(mask_negative_slope)
         self.mask_combine = mask_combine
+        self.test_flip_masks = bool(test_flip_masks)
         if mask_neighbours < 0:
             raise ValueError(f"VisSTG: mask_neighbours must be >= 0, got {mask_neighbours}")
         self.mask_neighbours = int(mask_neighbours)
@@ -542,7 +553,8 @@ class VisSTG(nn.Module):
                   ``cells [Dn, 2]`` (y, x of the peak), ``class_scores [Dn, C]`` (every class's
                   heatmap probability at the peak), sorted by score
                 - ``masks [Dn, H/4, W/4]`` mask logits at stride 4 (``mask_combine`` of M and
-                  M' when a reference frame exists and propagation is on, else M)
+                  M' when a reference frame exists and propagation is on, else M; with
+                  ``test_flip_masks`` the mirrored frame's M averaged in)
                 - ``edge_scores [R, Dn]`` association probabilities (0 where no same-class edge)
                 - ``node_features [Dn, L, D]`` ROIAlign of this frame's backbone maps over the
                   detected boxes (what a lost track keeps in memory)
@@ -600,6 +612,9 @@ class VisSTG(nn.Module):
             # (finding them needs their count on the host, a sync on a GPU).
             fused = self._fuse(graph, f_t, f_prev, ref_features=False, compact=sparse)
             maps = fused["maps"]
+        mirrored = None
+        if self.test_flip_masks and self.mask_combine != "warp":
+            mirrored = self._mirrored_maps(image, state, references, sparse)
         with timer.stage("detection"):
             regress = None
             if sparse:
@@ -632,6 +647,9 @@ class VisSTG(nn.Module):
             masks = self._masks_from_params(
                 mask_feats, kernels_out, det_batch, dets["levels"], det_centers
             )  # [n, H/4, W/4] M; kernels_out [n, 169]
+            views = [masks]
+            if mirrored is not None:
+                views.append(self._mirrored_masks(mirrored, dets, det_centers, sparse))
             if state is not None and self.kernel_warp is not None and self.mask_combine != "target":
                 if sparse:
                     params_warp = self._warp_at_detections(
@@ -644,7 +662,8 @@ class VisSTG(nn.Module):
                 warped = self._masks_from_params(
                     mask_feats, params_warp, det_batch, dets["levels"], det_centers
                 )  # M'
-                masks = warped if self.mask_combine == "warp" else (masks + warped) / 2
+                views = [warped] if self.mask_combine == "warp" else [*views, warped]
+            masks = sum(views[1:], views[0]) / len(views) if len(views) > 1 else views[0]
             # theta for the next frame's warp: controller on the (unfused) maps, as theta_k in
             # training, so warping sees the same kind of kernels at test time. Computed when the
             # next frame reads it, and only where it does (LazyKernelMaps).
@@ -678,7 +697,62 @@ class VisSTG(nn.Module):
             "kernels": kernels_out,
         }
         new_state = {"feats": f_t, "kernels": kernels if self.kernel_warp is not None else None}
+        if mirrored is not None:
+            new_state["mirrored_feats"] = mirrored["feats"]
         return outputs, new_state
+
+    def _mirrored_maps(
+        self,
+        image: Tensor,
+        state: dict[str, Any] | None,
+        references: dict[str, Tensor] | None,
+        sparse: bool,
+    ) -> dict[str, Any]:
+        """``test_flip_masks``: the frame mirrored left-right (the whole padded image) through
+        the backbone, the graph of the active tracks' mirrored boxes on the previous mirrored
+        frame (``state["mirrored_feats"]``) and the GNN: ``feats`` (for the next frame),
+        ``maps`` and ``fine`` (for the mask branch) and ``width`` (the image's)."""
+        timer, device, width = self.timer, image.device, image.shape[-1]
+        with timer.stage("backbone+fpn"):
+            fine, f_t = self._backbone(image.flip(-1))
+        prev = state.get("mirrored_feats") if state is not None else None
+        with timer.stage("graph"):
+            num_levels, dim = len(f_t), f_t[0].shape[1]
+            nodes, centers = f_t[0].new_zeros(0, num_levels, dim), image.new_zeros(0, 2)
+            boxes = references.get("boxes") if references is not None else None
+            if prev is not None and boxes is not None and len(boxes):
+                x1, y1, x2, y2 = boxes.to(device).float().unbind(1)
+                boxes = torch.stack([width - x2, y1, width - x1, y2], 1)
+                nodes = self._encode(prev, boxes)  # [A, L, D]
+                centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+            graph = None
+            if self.graph is not None:
+                batch = torch.zeros(nodes.shape[0], dtype=torch.long, device=device)
+                graph = self.graph.build_graph(nodes, centers, batch, f_t)
+        with timer.stage("gnn"):
+            f_prev = prev if prev is not None else f_t
+            maps = self._fuse(graph, f_t, f_prev, ref_features=False, compact=sparse)["maps"]
+        return {"feats": f_t, "maps": maps, "fine": fine, "width": width}
+
+    def _mirrored_masks(
+        self, mirrored: dict[str, Any], dets: dict[str, Tensor], centers: Tensor, sparse: bool
+    ) -> Tensor:
+        """M of the detections ``[n, H/4, W/4]`` on the mirrored frame (:meth:`_mirrored_maps`),
+        mirrored back: kernels at the mirrored peak cells (the nearest cell when a level's
+        width is not a whole number of cells), relative coordinates from the mirrored centres
+        ``centers [n, 2]`` (x, y)."""
+        maps, width = mirrored["maps"], mirrored["width"]
+        levels = dets["levels"]
+        level_widths = [m.shape[-1] for m in maps]
+        cells = mirror_cells(dets["cells"], levels, self.strides, level_widths, width)
+        centers = torch.stack([width - centers[:, 0], centers[:, 1]], 1)
+        batch = torch.zeros_like(levels)
+        mask_feats = self.mask_branch(maps, mirrored["fine"])
+        if sparse:
+            params = self.controller.at_cells(maps, levels, cells)
+        else:
+            params = gather_at_cells(self.controller(maps), batch, levels, cells)
+        return self._masks_from_params(mask_feats, params, batch, levels, centers).flip(-1)
 
     def _association_scores(
         self,
@@ -793,6 +867,22 @@ class VisSTG(nn.Module):
             k[0][:, ys, xs] = mk[sel].to(k).t()  # [169, n] <- [n, 169]
             kernels[lvl] = k
         return kernels
+
+
+def mirror_cells(
+    cells: Tensor,
+    levels: Tensor,
+    strides: Sequence[int],
+    level_widths: Sequence[int],
+    width: int,
+) -> Tensor:
+    """The cells ``[N, 2]`` (y, x) of levels ``levels [N]`` on an image ``width`` pixels wide,
+    mirrored left-right: the cell whose centre lies nearest to the mirrored centre
+    (``level_widths[l] - 1 - x`` when the width is a whole number of cells; of two as near, the right one)."""
+    stride = torch.tensor(strides, device=cells.device, dtype=torch.float32)[levels]
+    last = torch.tensor(level_widths, device=cells.device)[levels] - 1
+    x = torch.floor(width / stride - cells[:, 1] - 0.5).long()  # (x' + 0.5) s = W - (x + 0.5) s
+    return torch.stack([cells[:, 0], torch.minimum(x.clamp(min=0), last)], 1)
 
 
 def _reference_boxes(

@@ -1,0 +1,137 @@
+"""Test-time mirrored masks (``VisSTG.test_flip_masks``): each detection's M is also predicted
+on the frame mirrored left-right and averaged in; detection and association are untouched."""
+
+import pytest
+import torch
+
+from test_inference_sparse import frames, random_net, run_steps
+from test_visstg import H, W, _one_thread  # noqa: F401 (autouse fixture)
+from visstg.cli import checkpoint_overrides
+from visstg.model.detection import gather_at_cells
+from visstg.model.visstg import mirror_cells
+from visstg.tracker import OnlineTracker, TrackerConfig
+
+
+def test_mirror_cells_nearest_cell_of_the_mirrored_centre():
+    strides = (8, 16, 64)
+    # 96 px: 12 and 6 whole cells at strides 8 and 16, 1.5 cells at 64.
+    cells = torch.tensor([[0, 0], [3, 11], [2, 5], [1, 0], [0, 0], [0, 1]])
+    levels = torch.tensor([0, 0, 0, 1, 2, 2])
+    got = mirror_cells(cells, levels, strides, [12, 6, 2], 96)
+    assert got[:, 0].tolist() == cells[:, 0].tolist()  # rows stay
+    assert got[:4, 1].tolist() == [11, 0, 6, 5]  # W_l - 1 - x
+    # Brute force on the partial level: the cell whose centre is nearest to W - centre.
+    for i in (4, 5):
+        target = 96 - (cells[i, 1].item() + 0.5) * 64
+        dist = [abs((x + 0.5) * 64 - target) for x in range(2)]
+        assert dist[got[i, 1].item()] == min(dist)
+
+
+def test_mirrored_masks_change_only_the_masks():
+    """Same detections, kernels, node features and edge scores; other masks; the mirrored
+    state is carried from frame to frame; the dense path (GPUs) gives the sparse path's."""
+    net = random_net(topk=12, score_thresh=0.0)
+    plain, _ = run_steps(net, True)
+    net.test_flip_masks = True
+    flipped, state = run_steps(net, True)
+    dense, _ = run_steps(net, False)
+    assert len(state["mirrored_feats"]) == len(state["feats"])
+    for t, (a, b, c) in enumerate(zip(plain, flipped, dense)):
+        assert a.keys() == b.keys(), t
+        for key in ("labels", "levels", "cells", "scores", "boxes", "kernels", "edge_scores"):
+            assert torch.equal(a[key], b[key]), (t, key)
+        assert not torch.allclose(a["masks"], b["masks"], atol=1e-3), t
+        torch.testing.assert_close(c["masks"], b["masks"], rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_first_frame_mask_is_the_mean_of_the_frame_and_its_mirror():
+    """On a first frame (no M'), the mask is (M + M_flip) / 2: the mirrored pass reads the
+    dense heads of the mirrored image at the mirrored peak cells, with mirrored centres, and
+    its logits are mirrored back."""
+    net = random_net(topk=12, score_thresh=0.0)
+    image = frames(1)[0]
+    plain, _ = net.inference_step(image, None, None, image_size=(H, W))
+    net.test_flip_masks = True
+    calls = []
+    dynamic_head = net._masks_from_params
+
+    def spy(mask_feats, params, batch, level, centers):
+        calls.append((mask_feats, params, batch, level, centers))
+        return dynamic_head(mask_feats, params, batch, level, centers)
+
+    net._masks_from_params = spy
+    both, _ = net.inference_step(image, None, None, image_size=(H, W))
+    (feats_m, params_m, batch, levels, centers_m), flip_call = calls
+    feats_f, params_f, _, levels_f, centers_f = flip_call
+    assert torch.equal(levels_f, levels) and torch.equal(levels, both["levels"])
+
+    # Rebuilt here: no track, so the GNN leaves the mirrored backbone maps as they are.
+    fine, maps = net._backbone(image.flip(-1))
+    on_whole_cells = levels <= 2  # strides 8, 16, 32: 96 px is a whole number of cells
+    assert on_whole_cells.sum() >= 3
+    cells = both["cells"].clone()
+    widths = torch.tensor([m.shape[-1] for m in maps])
+    cells[:, 1] = widths[levels] - 1 - cells[:, 1]
+    kernels = gather_at_cells(net.controller(maps), batch, levels, cells)
+    torch.testing.assert_close(
+        params_f[on_whole_cells], kernels[on_whole_cells], rtol=1e-4, atol=1e-5
+    )
+    torch.testing.assert_close(feats_f, net.mask_branch(maps, fine), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(centers_f[:, 0], W - centers_m[:, 0])
+    torch.testing.assert_close(centers_f[:, 1], centers_m[:, 1])
+    # M is the plain step's, and the result the mean of M and the mirrored-back M_flip.
+    m = dynamic_head(feats_m, params_m, batch, levels, centers_m)
+    m_flip = dynamic_head(feats_f, params_f, batch, levels, centers_f).flip(-1)
+    torch.testing.assert_close(plain["masks"], m)
+    torch.testing.assert_close(both["masks"], (m + m_flip) / 2)
+
+
+@torch.no_grad()
+def test_mirrored_graph_reads_the_mirrored_track_boxes():
+    net = random_net(topk=12, score_thresh=0.0)
+    net.test_flip_masks = True
+    calls = []
+    encode = net._encode
+
+    def spy(feats, boxes):
+        calls.append((feats, boxes.clone()))
+        return encode(feats, boxes)
+
+    net._encode = spy
+    image0, image1 = frames(2)
+    out, state = net.inference_step(image0, None, None, image_size=(H, W))
+    refs = {"boxes": out["boxes"][:3], "labels": out["labels"][:3]}
+    calls.clear()
+    net.inference_step(image1, state, refs, image_size=(H, W))
+    # The tracks on F_{t-1}, their mirror on the mirrored F_{t-1}, then the new detections.
+    assert calls[0][0] is state["feats"] and torch.equal(calls[0][1], refs["boxes"])
+    assert calls[1][0] is state["mirrored_feats"]
+    x1, y1, x2, y2 = refs["boxes"].unbind(1)
+    torch.testing.assert_close(calls[1][1], torch.stack([W - x2, y1, W - x1, y2], 1))
+
+
+def test_tracker_runs_with_mirrored_masks_and_the_cli_override():
+    net = random_net(topk=10, score_thresh=0.0)
+    net.test_flip_masks = True
+    cfg = TrackerConfig(score_threshold=0.0, new_track_threshold=0.0, match_threshold=0.3)
+    tracker = OnlineTracker(net, cfg)
+    results = [tracker.step(f, (H, W), (H, W)) for f in frames()]
+    assert all(results)
+    assert checkpoint_overrides({"test_flip_masks": None}) is None
+    assert checkpoint_overrides({}) is None
+    assert checkpoint_overrides({"test_flip_masks": False}) == {"test_flip_masks": False}
+
+
+@pytest.mark.parametrize("combine", ["target", "warp"])
+def test_mask_combine_target_and_warp(combine):
+    """``target``: (M + M_flip) / 2 on every frame; ``warp`` reads no M, so it is unchanged."""
+    net = random_net(topk=12, score_thresh=0.0, mask_combine=combine)
+    plain, _ = run_steps(net, True)
+    net.test_flip_masks = True
+    flipped, state = run_steps(net, True)
+    same = [torch.equal(a["masks"], b["masks"]) for a, b in zip(plain, flipped)]
+    if combine == "warp":  # no mirrored pass at all
+        assert all(same) and "mirrored_feats" not in state
+    else:
+        assert not any(same)
