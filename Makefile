@@ -14,6 +14,7 @@ help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
+	@$(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; free < 8 and print(f'warning: {free:.1f} GiB free on this disk; the virtualenv takes about 6.5 GiB (torch is a CUDA build), so the install may stop with \"No space left on device\"', file=sys.stderr)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
