@@ -326,3 +326,39 @@ def test_a_bad_precision_is_refused_before_anything_is_written(
                "precision=half")  # fmt: skip
     assert proc.returncode == 1 and "precision must be one of" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_test_flip_masks_of_evaluate_predict_and_benchmark_override_the_checkpoint(
+    tmp_path: Path, checkpoint: Path, bikes_clip: Path, monkeypatch
+) -> None:
+    """The checkpoint's config has the mirrored masks on (the synthetic default);
+    ``test_flip_masks=false`` turns them off for the run, null keeps them."""
+    from visstg.benchmark import build_model
+    from visstg.config import compose
+    from visstg.evaluate import evaluate_checkpoint
+    from visstg.predict import predict
+    from visstg.tracker import OnlineTracker
+
+    flags: list[bool] = []
+    step = OnlineTracker.step
+
+    def recording(self, *args, **kwargs):
+        flags.append(self.model.test_flip_masks)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineTracker, "step", recording)
+    assert load_checkpoint(checkpoint).net.test_flip_masks is True
+    for value, want in (("false", False), ("null", True)):
+        flags.clear()
+        evaluate_checkpoint(
+            compose("evaluate", [f"ckpt_path={checkpoint}", f"test_flip_masks={value}",
+                                 f"output={tmp_path / value / 'm.json'}"])
+        )  # fmt: skip
+        predict(
+            compose("predict", [f"input={bikes_clip}", f"ckpt_path={checkpoint}",
+                                f"output_dir={tmp_path / value / 'pred'}",
+                                f"test_flip_masks={value}"])
+        )  # fmt: skip
+        assert flags and set(flags) == {want}
+        cfg = compose("benchmark", [f"ckpt_path={checkpoint}", f"test_flip_masks={value}"])
+        assert build_model(cfg, "cpu")[0].test_flip_masks is want

