@@ -28,14 +28,13 @@ def test_mirror_cells_nearest_cell_of_the_mirrored_centre():
 
 
 def test_mirrored_masks_change_only_the_masks():
-    """Same detections, kernels, node features and edge scores; other masks; the mirrored
-    state is carried from frame to frame; the dense path (GPUs) gives the sparse path's."""
+    """Same detections, kernels, node features and edge scores; other masks; the dense path
+    (GPUs) gives the sparse path's."""
     net = random_net(topk=12, score_thresh=0.0)
     plain, _ = run_steps(net, True)
     net.test_flip_masks = True
-    flipped, state = run_steps(net, True)
+    flipped, _ = run_steps(net, True)
     dense, _ = run_steps(net, False)
-    assert len(state["mirrored_feats"]) == len(state["feats"])
     for t, (a, b, c) in enumerate(zip(plain, flipped, dense)):
         assert a.keys() == b.keys(), t
         for key in ("labels", "levels", "cells", "scores", "boxes", "kernels", "edge_scores"):
@@ -44,14 +43,24 @@ def test_mirrored_masks_change_only_the_masks():
         torch.testing.assert_close(c["masks"], b["masks"], rtol=1e-4, atol=1e-4)
 
 
+def mirrored_kernels(net, image, levels, cells):
+    """Kernels of the mirrored image read densely at the mirrored cells, its mask features: the
+    mirrored frame as a first frame (no track, so the GNN leaves the backbone maps as they are)."""
+    fine, maps = net._backbone(image.flip(-1))
+    widths = torch.tensor([m.shape[-1] for m in maps])
+    cells = torch.stack([cells[:, 0], widths[levels] - 1 - cells[:, 1]], 1)
+    batch = torch.zeros_like(levels)
+    return gather_at_cells(net.controller(maps), batch, levels, cells), net.mask_branch(maps, fine)
+
+
 @torch.no_grad()
-def test_first_frame_mask_is_the_mean_of_the_frame_and_its_mirror():
-    """On a first frame (no M'), the mask is (M + M_flip) / 2: the mirrored pass reads the
-    dense heads of the mirrored image at the mirrored peak cells, with mirrored centres, and
-    its logits are mirrored back."""
+def test_mask_is_the_mean_of_the_frame_its_mirror_and_the_warp():
+    """First frame: (M + M_flip) / 2; next frame, with tracks: (M + M_flip + M') / 3. The
+    mirrored pass reads the dense heads of the mirrored image, as a first frame whatever the
+    references, at the mirrored peak cells with mirrored centres; its logits are mirrored back."""
     net = random_net(topk=12, score_thresh=0.0)
-    image = frames(1)[0]
-    plain, _ = net.inference_step(image, None, None, image_size=(H, W))
+    image0, image1 = frames(2)
+    plain, _ = net.inference_step(image0, None, None, image_size=(H, W))
     net.test_flip_masks = True
     calls = []
     dynamic_head = net._masks_from_params
@@ -61,54 +70,29 @@ def test_first_frame_mask_is_the_mean_of_the_frame_and_its_mirror():
         return dynamic_head(mask_feats, params, batch, level, centers)
 
     net._masks_from_params = spy
-    both, _ = net.inference_step(image, None, None, image_size=(H, W))
-    (feats_m, params_m, batch, levels, centers_m), flip_call = calls
-    feats_f, params_f, _, levels_f, centers_f = flip_call
-    assert torch.equal(levels_f, levels) and torch.equal(levels, both["levels"])
-
-    # Rebuilt here: no track, so the GNN leaves the mirrored backbone maps as they are.
-    fine, maps = net._backbone(image.flip(-1))
-    on_whole_cells = levels <= 2  # strides 8, 16, 32: 96 px is a whole number of cells
-    assert on_whole_cells.sum() >= 3
-    cells = both["cells"].clone()
-    widths = torch.tensor([m.shape[-1] for m in maps])
-    cells[:, 1] = widths[levels] - 1 - cells[:, 1]
-    kernels = gather_at_cells(net.controller(maps), batch, levels, cells)
-    torch.testing.assert_close(
-        params_f[on_whole_cells], kernels[on_whole_cells], rtol=1e-4, atol=1e-5
-    )
-    torch.testing.assert_close(feats_f, net.mask_branch(maps, fine), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(centers_f[:, 0], W - centers_m[:, 0])
-    torch.testing.assert_close(centers_f[:, 1], centers_m[:, 1])
-    # M is the plain step's, and the result the mean of M and the mirrored-back M_flip.
-    m = dynamic_head(feats_m, params_m, batch, levels, centers_m)
-    m_flip = dynamic_head(feats_f, params_f, batch, levels, centers_f).flip(-1)
-    torch.testing.assert_close(plain["masks"], m)
-    torch.testing.assert_close(both["masks"], (m + m_flip) / 2)
-
-
-@torch.no_grad()
-def test_mirrored_graph_reads_the_mirrored_track_boxes():
-    net = random_net(topk=12, score_thresh=0.0)
-    net.test_flip_masks = True
-    calls = []
-    encode = net._encode
-
-    def spy(feats, boxes):
-        calls.append((feats, boxes.clone()))
-        return encode(feats, boxes)
-
-    net._encode = spy
-    image0, image1 = frames(2)
-    out, state = net.inference_step(image0, None, None, image_size=(H, W))
-    refs = {"boxes": out["boxes"][:3], "labels": out["labels"][:3]}
-    calls.clear()
-    net.inference_step(image1, state, refs, image_size=(H, W))
-    # The tracks on F_{t-1}, their mirror on the mirrored F_{t-1}, then the new detections.
-    assert calls[0][0] is state["feats"] and torch.equal(calls[0][1], refs["boxes"])
-    assert calls[1][0] is state["mirrored_feats"]
-    x1, y1, x2, y2 = refs["boxes"].unbind(1)
-    torch.testing.assert_close(calls[1][1], torch.stack([W - x2, y1, W - x1, y2], 1))
+    first, state = net.inference_step(image0, None, None, image_size=(H, W))
+    refs = {"boxes": first["boxes"][:3], "labels": first["labels"][:3]}
+    second, _ = net.inference_step(image1, state, refs, image_size=(H, W))
+    assert len(calls) == 5  # M, M_flip; M, M_flip, M'
+    assert second["edge_scores"].shape[0] == 3 and (second["edge_scores"] > 0).any()
+    for image, out, (m_call, f_call) in ((image0, first, calls[:2]), (image1, second, calls[2:4])):
+        feats_m, params_m, batch, levels, centers_m = m_call
+        feats_f, params_f, _, levels_f, centers_f = f_call
+        assert torch.equal(levels_f, levels) and torch.equal(levels, out["levels"])
+        on_whole_cells = levels <= 2  # strides 8, 16, 32: 96 px is a whole number of cells
+        assert on_whole_cells.sum() >= 3
+        kernels, mask_feats = mirrored_kernels(net, image, levels, out["cells"])
+        torch.testing.assert_close(
+            params_f[on_whole_cells], kernels[on_whole_cells], rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(feats_f, mask_feats, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(centers_f[:, 0], W - centers_m[:, 0])
+        torch.testing.assert_close(centers_f[:, 1], centers_m[:, 1])
+    views = [dynamic_head(*c) for c in calls]
+    views[1], views[3] = views[1].flip(-1), views[3].flip(-1)
+    torch.testing.assert_close(plain["masks"], views[0])
+    torch.testing.assert_close(first["masks"], (views[0] + views[1]) / 2)
+    torch.testing.assert_close(second["masks"], (views[2] + views[3] + views[4]) / 3)
 
 
 def test_tracker_runs_with_mirrored_masks_and_the_cli_override():
@@ -129,9 +113,9 @@ def test_mask_combine_target_and_warp(combine):
     net = random_net(topk=12, score_thresh=0.0, mask_combine=combine)
     plain, _ = run_steps(net, True)
     net.test_flip_masks = True
-    flipped, state = run_steps(net, True)
+    flipped, _ = run_steps(net, True)
     same = [torch.equal(a["masks"], b["masks"]) for a, b in zip(plain, flipped)]
     if combine == "warp":  # no mirrored pass at all
-        assert all(same) and "mirrored_feats" not in state
+        assert all(same)
     else:
         assert not any(same)

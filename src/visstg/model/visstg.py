@@ -115,12 +115,11 @@ class VisSTG(nn.Module):
         test_flip_masks: inference also predicts each detection's M on the frame mirrored
             left-right and averages the logits: ``"mean"`` gives (M + M_flip + M') / 3,
             ``"target"`` (M + M_flip) / 2 (``"warp"`` reads no M, so nothing changes). The mirrored
-            frame has its own backbone, graph and GNN pass (the active tracks' mirrored boxes
-            on the previous mirrored frame; memory entries, whose stored features are of the
-            unmirrored frames, are left out of its graph), and its kernels are read at the
-            mirrored peak cells with mirrored centres. Detection, association and M' come from
-            the frame itself. Test-time augmentation: about a backbone, graph and GNN more per
-            frame.
+            frame goes through the backbone and the fusion as a first frame (no reference: the
+            tracker's references are features of the unmirrored frames), and its kernels are
+            read at the mirrored peak cells with mirrored centres. Detection, association and
+            M' come from the frame itself. Test-time augmentation: about a backbone and a mask
+            branch more per frame.
         mask_neighbours: training reads the target and reference kernels (M and the reference
             masks) at every cell within this many cells of a ground-truth centre that lies in
             its box (:func:`~visstg.model.detection.neighbour_cells`), not at the centre cell
@@ -614,7 +613,7 @@ class VisSTG(nn.Module):
             maps = fused["maps"]
         mirrored = None
         if self.test_flip_masks and self.mask_combine != "warp":
-            mirrored = self._mirrored_maps(image, state, references, sparse)
+            mirrored = self._mirrored_maps(image, sparse)
         with timer.stage("detection"):
             regress = None
             if sparse:
@@ -697,42 +696,23 @@ class VisSTG(nn.Module):
             "kernels": kernels_out,
         }
         new_state = {"feats": f_t, "kernels": kernels if self.kernel_warp is not None else None}
-        if mirrored is not None:
-            new_state["mirrored_feats"] = mirrored["feats"]
         return outputs, new_state
 
-    def _mirrored_maps(
-        self,
-        image: Tensor,
-        state: dict[str, Any] | None,
-        references: dict[str, Tensor] | None,
-        sparse: bool,
-    ) -> dict[str, Any]:
+    def _mirrored_maps(self, image: Tensor, sparse: bool) -> dict[str, Any]:
         """``test_flip_masks``: the frame mirrored left-right (the whole padded image) through
-        the backbone, the graph of the active tracks' mirrored boxes on the previous mirrored
-        frame (``state["mirrored_feats"]``) and the GNN: ``feats`` (for the next frame),
-        ``maps`` and ``fine`` (for the mask branch) and ``width`` (the image's)."""
-        timer, device, width = self.timer, image.device, image.shape[-1]
-        with timer.stage("backbone+fpn"):
+        the backbone and the fusion as a first frame (no reference in the graph: the tracker's
+        references are features of the unmirrored frames): ``maps`` and ``fine`` for the mask
+        branch, ``width`` of the image."""
+        with self.timer.stage("backbone+fpn"):
             fine, f_t = self._backbone(image.flip(-1))
-        prev = state.get("mirrored_feats") if state is not None else None
-        with timer.stage("graph"):
-            num_levels, dim = len(f_t), f_t[0].shape[1]
-            nodes, centers = f_t[0].new_zeros(0, num_levels, dim), image.new_zeros(0, 2)
-            boxes = references.get("boxes") if references is not None else None
-            if prev is not None and boxes is not None and len(boxes):
-                x1, y1, x2, y2 = boxes.to(device).float().unbind(1)
-                boxes = torch.stack([width - x2, y1, width - x1, y2], 1)
-                nodes = self._encode(prev, boxes)  # [A, L, D]
-                centers = (boxes[:, :2] + boxes[:, 2:]) / 2
+        with self.timer.stage("gnn"):
             graph = None
             if self.graph is not None:
-                batch = torch.zeros(nodes.shape[0], dtype=torch.long, device=device)
-                graph = self.graph.build_graph(nodes, centers, batch, f_t)
-        with timer.stage("gnn"):
-            f_prev = prev if prev is not None else f_t
-            maps = self._fuse(graph, f_t, f_prev, ref_features=False, compact=sparse)["maps"]
-        return {"feats": f_t, "maps": maps, "fine": fine, "width": width}
+                no_refs = f_t[0].new_zeros(0, len(f_t), f_t[0].shape[1])
+                batch = torch.zeros(0, dtype=torch.long, device=image.device)
+                graph = self.graph.build_graph(no_refs, image.new_zeros(0, 2), batch, f_t)
+            maps = self._fuse(graph, f_t, f_t, ref_features=False, compact=sparse)["maps"]
+        return {"maps": maps, "fine": fine, "width": image.shape[-1]}
 
     def _mirrored_masks(
         self, mirrored: dict[str, Any], dets: dict[str, Tensor], centers: Tensor, sparse: bool
