@@ -858,7 +858,8 @@ def mirror_cells(
 ) -> Tensor:
     """The cells ``[N, 2]`` (y, x) of levels ``levels [N]`` on an image ``width`` pixels wide,
     mirrored left-right: the cell whose centre lies nearest to the mirrored centre
-    (``level_widths[l] - 1 - x`` when the width is a whole number of cells; of two as near, the right one)."""
+    (``level_widths[l] - 1 - x`` when the width is a whole number of cells; of two cells as
+    near, the right one)."""
     stride = torch.tensor(strides, device=cells.device, dtype=torch.float32)[levels]
     last = torch.tensor(level_widths, device=cells.device)[levels] - 1
     x = torch.floor(width / stride - cells[:, 1] - 0.5).long()  # (x' + 0.5) s = W - (x + 0.5) s
