@@ -119,3 +119,17 @@ def test_mask_combine_target_and_warp(combine):
         assert all(same)
     else:
         assert not any(same)
+
+
+@torch.no_grad()
+def test_a_frame_without_detections_skips_the_mirrored_pass():
+    net = random_net(topk=12, score_thresh=0.0)
+    net.test_flip_masks = True
+    passes = []
+    mirrored_maps = net._mirrored_maps
+    net._mirrored_maps = lambda *args: passes.append(1) or mirrored_maps(*args)
+    image = frames(1)[0]
+    out, _ = net.inference_step(image, None, None, image_size=(H, W), min_score=1.1)
+    assert out["masks"].shape[0] == 0 and passes == []
+    out, _ = net.inference_step(image, None, None, image_size=(H, W))
+    assert out["masks"].shape[0] > 0 and passes == [1]

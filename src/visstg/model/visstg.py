@@ -611,9 +611,6 @@ class VisSTG(nn.Module):
             # (finding them needs their count on the host, a sync on a GPU).
             fused = self._fuse(graph, f_t, f_prev, ref_features=False, compact=sparse)
             maps = fused["maps"]
-        mirrored = None
-        if self.test_flip_masks and self.mask_combine != "warp":
-            mirrored = self._mirrored_maps(image, sparse)
         with timer.stage("detection"):
             regress = None
             if sparse:
@@ -633,6 +630,10 @@ class VisSTG(nn.Module):
             n = dets["scores"].numel()
             det_batch = torch.zeros(n, dtype=torch.long, device=device)
 
+        # The mirrored frame only serves the detections' masks: none, no mirrored pass.
+        mirrored = None
+        if self.test_flip_masks and self.mask_combine != "warp" and n:
+            mirrored = self._mirrored_maps(image, sparse)
         with timer.stage("mask"):
             mask_feats = self.mask_branch(maps, fine)
             det_args = (det_batch, dets["levels"], dets["cells"])
