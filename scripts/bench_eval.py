@@ -228,7 +228,7 @@ def main() -> None:
             sys.exit("the fast and reference statistics differ")
     if args.check_hota:
         code = (
-            "import json, sys; from visstg.eval.hota import hota_reference; "
+            "import json, sys; from visstg.eval.trackeval_hota import hota_reference; "
             "print(json.dumps(hota_reference(sys.argv[1], sys.argv[2])))"
         )
         t_h, out = timed([py, "-c", code, str(gt), str(res)])

@@ -375,6 +375,21 @@ def test_hota_perfect_then_lower_with_swapped_ids():
     assert swapped["AssA"] < 1.0 and swapped["HOTA"] < 1.0
 
 
+def test_hota_stays_callable_after_evaluate_with_hota():
+    # The trackeval module is imported lazily; importing it must not replace the package's
+    # hota function (a submodule of the same name would: `visstg.eval.hota` became a module).
+    import visstg.eval
+
+    a = box(10, 10, 0, 0, 4, 4)
+    gt = make_gt([{"video_id": 1, "category_id": 1, "segmentations": [a] * 3}], n_frames=3)
+    res = [det([a] * 3, 0.9)]
+    assert evaluate(gt, res, with_hota=True)["HOTA"] == pytest.approx(1.0)
+    assert visstg.eval.hota(gt, res)["HOTA"] == pytest.approx(1.0)
+    from visstg.eval import hota as hota_after
+
+    assert hota_after(gt, res)["HOTA"] == pytest.approx(1.0)
+
+
 def hota_case(seed):
     """Random inputs with HOTA-relevant variety: several classes, empty masks, absent frames,
     result lists shorter or longer than the video, categories unknown to the ground truth."""

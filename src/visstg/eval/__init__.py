@@ -16,15 +16,17 @@ from visstg.eval.ytvis_eval import STAT_KEYS, evaluate
 
 
 def hota(gt, results):
-    """HOTA/DetA/AssA via trackeval; see :func:`visstg.eval.hota.hota` (imported lazily)."""
-    from visstg.eval.hota import hota as _hota
+    """HOTA/DetA/AssA via trackeval; see
+    :func:`visstg.eval.trackeval_hota.hota` (imported lazily)."""
+    from visstg.eval.trackeval_hota import hota as _hota
 
     return _hota(gt, results)
 
 
 def hota_reference(gt, results):
-    """The same through trackeval's YouTubeVIS dataset class; see :mod:`visstg.eval.hota`."""
-    from visstg.eval.hota import hota_reference as _hota_reference
+    """The same through trackeval's YouTubeVIS dataset class; see
+    :mod:`visstg.eval.trackeval_hota`."""
+    from visstg.eval.trackeval_hota import hota_reference as _hota_reference
 
     return _hota_reference(gt, results)
 

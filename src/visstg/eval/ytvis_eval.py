@@ -7,8 +7,8 @@ side has a mask adds its area to the union). It computes that with two RLE merge
 pair. Here the per-frame intersections of a (video, category) come from
 :mod:`visstg.eval.overlap` (one ``pycocotools.mask.iou`` call per frame for all pairs); they are
 exact integers, so the sums and the final division are the same float64 numbers as the official
-code's. The same intersections feed HOTA (:mod:`visstg.eval.hota`) when it is asked for. The
-greedy matching, accumulation and summary follow the official conventions (stable sorts,
+code's. The same intersections feed HOTA (:mod:`visstg.eval.trackeval_hota`) when it is asked
+for. The greedy matching, accumulation and summary follow the official conventions (stable sorts,
 ``np.linspace`` thresholds, closed area ranges, maxDets per (video, category), -1 for nothing
 valid).
 
@@ -434,7 +434,7 @@ def score_video(p: Prepared, vid, hota_seq: tuple[str, int] | None = None):
             evals[cat].append(match(ious, gt_ids, crowd | g_out, crowd, d_out, scores))
     hota_res = None
     if hota_seq is not None:
-        from visstg.eval.hota import hota_video  # lazily: trackeval pulls in scipy
+        from visstg.eval.trackeval_hota import hota_video  # lazily: trackeval pulls in scipy
 
         hota_res = hota_video(p, vid, *hota_seq)
     for cat in p.cat_ids:  # the video is done: free its geometry
@@ -451,7 +451,7 @@ def evaluate_prepared(p: Prepared, with_hota: bool = False, workers: int | None 
     p.share_overlaps = with_hota
     hota_seqs = {}
     if with_hota:
-        from visstg.eval.hota import hota_metric, sequences
+        from visstg.eval.trackeval_hota import hota_metric, sequences
 
         hota_seqs = {v["id"]: (seq, n) for seq, (v, n) in sequences(p.videos).items()}
         hota_metric()  # imports trackeval once, before any fork
@@ -474,7 +474,7 @@ def evaluate_prepared(p: Prepared, with_hota: bool = False, workers: int | None 
             occ[f"AR_{lbl}"] = _summarize(precision, recall, a=4 + j, ap=False)
         out["occlusion"] = occ
     if with_hota:
-        from visstg.eval.hota import combine_videos
+        from visstg.eval.trackeval_hota import combine_videos
 
         out.update(combine_videos(p, {v: h for v, (_, h) in zip(p.vid_ids, scored)}))
     out["_precision"], out["_recall"] = precision, recall
@@ -494,7 +494,7 @@ def evaluate(
         gt: ground-truth JSON path or loaded dict (YouTube-VIS 2019/2021 or OVIS layout).
         results: results JSON path or list in the official results format.
         with_hota: also compute HOTA/DetA/AssA (trackeval's metric fed with the same per-frame
-            intersections; see :mod:`visstg.eval.hota`).
+            intersections; see :mod:`visstg.eval.trackeval_hota`).
         workers: processes that share the per-video work (:func:`visstg.eval.parallel.map_forked`:
             forked copies of this one; the numbers are the same for any count). ``None``: one
             per available core; the default 1 never forks (safe inside a training process).
