@@ -328,6 +328,30 @@ def test_default_config_builds_the_small_model_and_trains_a_step():
     assert torch.isfinite(losses["loss"])
 
 
+def test_mask_head_width_sets_the_controller_and_warp_sizes_and_is_checked():
+    """``model.mask_head_channels`` / ``model.mask_branch.out_channels``: the configs size the
+    controller and the kernel warp for the wider dynamic head, which trains and infers; parts
+    sized for another head are refused with the key to set."""
+    cfg = compose("train", ["model.mask_head_channels=16", "model.mask_branch.out_channels=4"])
+    net = hydra.utils.instantiate(cfg.model)
+    # (4 + 2) * 16 + 16 + 16 * 16 + 16 + 16 + 1
+    assert net.controller.num_params == net.kernel_warp.num_params == 401
+    batch = pair_batch()
+    for t in batch["ref_targets"] + batch["tgt_targets"]:
+        t["labels"] = t["labels"] % net.num_classes
+    out = net.forward_train(batch)
+    VisSTGCriterion()(out, batch)["loss"].backward()
+    assert net.controller.out.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        res, state = net.eval().inference_step(batch["tgt_images"][:1], None, None)
+        res2, _ = net.inference_step(batch["tgt_images"][:1], state, None)
+    assert res["kernels"].shape[1] == 401 and res2["masks"].shape[0] == res2["scores"].numel()
+    with pytest.raises(ValueError, match=r"model.controller.num_params=169.*465"):
+        tiny_net(mask_head_channels=16)
+    with pytest.raises(ValueError, match="mask branch gives 8 channels"):
+        tiny_net(mask_channels=16)
+
+
 def test_size_ranges_take_the_yaml_infinity_from_the_command_line():
     # Hydra hands `.inf` in an override over as a string; YAML files give a float.
     cfg = compose("train", ["model.size_ranges=[[0,64],[64,128],[128,.inf]]"])

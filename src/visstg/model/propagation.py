@@ -69,6 +69,7 @@ class KernelWarp(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.zeros_(self.offset_out.weight)
         nn.init.zeros_(self.offset_out.bias)
+        self.num_params = num_params
         weight = torch.zeros(num_params, 1, kernel_size, kernel_size)
         weight[:, :, kernel_size // 2, kernel_size // 2] = 1.0
         self.weight = nn.Parameter(weight)  # depthwise, centre-tap identity

@@ -91,6 +91,7 @@ class Controller(nn.Module):
             layers += _conv_norm_relu(c, feat_channels, norm)
             c = feat_channels
         self.tower = nn.Sequential(*layers)
+        self.num_params = num_params
         self.out = nn.Conv2d(c, num_params, 3, padding=1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -223,6 +224,7 @@ class _MaskFeatures(nn.Module):
     ) -> None:
         """Add the stride-4 (and stride-2) paths (after the subclass's own layers, so that
         parameters are created and initialised in a fixed order) and initialise every conv."""
+        self.out_channels = out_channels
         if fine:
             self.fine = nn.Sequential(
                 *_conv_norm_relu(in_channels, channels, norm), nn.Conv2d(channels, out_channels, 1)

@@ -110,6 +110,11 @@ class VisSTG(nn.Module):
         mask_negative_slope: slope of the dynamic mask head's hidden activations for negative
             inputs (0: CondInst's ReLU; :func:`~visstg.model.segmentation.dynamic_mask_head` says
             why the from-scratch default leaks).
+        mask_channels: channels of the mask branch's features (its ``out_channels``).
+        mask_head_channels: width of the dynamic mask head's two hidden layers (CondInst's 8);
+            the controller and the kernel warp carry
+            ``num_dynamic_params(mask_channels + 2, mask_head_channels)`` parameters per
+            location (169 for 8 and 8).
         mask_combine: inference mask logit when a reference exists: ``"mean"`` of M and M',
             ``"target"`` (M only) or ``"warp"`` (M' only).
         test_flip_masks: inference also predicts each detection's M on the frame mirrored
@@ -178,6 +183,8 @@ class VisSTG(nn.Module):
         mask_feat_stride: int = 8,
         mask_upsample: int = 2,
         mask_negative_slope: float = 0.0,
+        mask_channels: int = 8,
+        mask_head_channels: int = 8,
         mask_combine: str = "mean",
         test_flip_masks: bool = False,
         mask_neighbours: int = 0,
@@ -212,7 +219,13 @@ class VisSTG(nn.Module):
                 f"VisSTG: {len(strides)} strides, {len(size_ranges)} size ranges and "
                 f"{len(sizes_of_interest)} sizes of interest; one per pyramid level is needed"
             )
-        num_params = num_dynamic_params()
+        if mask_channels < 1 or mask_head_channels < 1:
+            raise ValueError(
+                f"VisSTG: mask_channels and mask_head_channels must be >= 1, got "
+                f"{mask_channels} and {mask_head_channels}"
+            )
+        num_params = num_dynamic_params(mask_channels + 2, mask_head_channels)
+        self.mask_channels, self.mask_head_channels = int(mask_channels), int(mask_head_channels)
         self.num_classes = num_classes
         self.strides = strides
         self.size_ranges = _as_ranges(size_ranges)
@@ -293,6 +306,7 @@ class VisSTG(nn.Module):
             )
         else:
             self.kernel_warp = None
+        self._check_dynamic_params(num_params)
         self.edge_classifier = self.embedding_head = self.offset_head = None
         if association == "edge":
             self.edge_classifier = (
@@ -349,6 +363,29 @@ class VisSTG(nn.Module):
             mask_feats, kernel_maps, a.batch[rows], a.level[rows], cells, a.centers[rows]
         )
 
+    def _check_dynamic_params(self, num_params: int) -> None:
+        """The mask branch's channels and the controller's / kernel warp's parameter count must
+        be those of the dynamic head (``mask_channels``, ``mask_head_channels``)."""
+        branch = getattr(self.mask_branch, "out_channels", self.mask_channels)
+        if branch != self.mask_channels:
+            raise ValueError(
+                f"VisSTG: the mask branch gives {branch} channels but mask_channels="
+                f"{self.mask_channels}; set model.mask_channels={branch} (the configs read it "
+                "from model.mask_branch.out_channels)"
+            )
+        parts = [("controller", self.controller)]
+        if self.kernel_warp is not None:
+            parts.append(("kernel_warp", self.kernel_warp))
+        for name, part in parts:
+            got = getattr(part, "num_params", num_params)
+            if got != num_params:
+                raise ValueError(
+                    f"VisSTG: model.{name}.num_params={got}, but a dynamic mask head on "
+                    f"{self.mask_channels} mask channels with {self.mask_head_channels} hidden "
+                    f"channels has {num_params} parameters; set model.{name}.num_params="
+                    f"{num_params} (the configs compute it from model.mask_head_channels)"
+                )
+
     def _masks_from_params(
         self, mask_feats: Tensor, params: Tensor, batch: Tensor, level: Tensor, centers: Tensor
     ) -> Tensor:
@@ -360,6 +397,7 @@ class VisSTG(nn.Module):
             centers,
             self._soi(level),
             self.mask_feat_stride,
+            channels=self.mask_head_channels,
             negative_slope=self.mask_negative_slope,
         )  # [N, h, w]
         return upsample_mask_logits(logits, self.mask_upsample)
