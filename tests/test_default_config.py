@@ -53,6 +53,7 @@ def test_default_is_the_small_three_level_model_with_adamw() -> None:
     assert model["test_flip_masks"] is True and model["mask_combine"] == "mean"
     assert cfg["tracker"]["coverage_power"] == 0.5 and cfg["tracker"]["class_votes"] == "soft"
     assert cfg["tracker"]["maskness_power"] == 3.0
+    assert cfg["tracker"]["backfill_frames"] == 10 and cfg["tracker"]["backfill_iou"] == 0.5
     # The mask branch reads the backbone's stride-4 C2 map; dice + in-box BCE.
     assert model["mask_branch"]["fine"] and model["backbone"]["fine_level"]
     assert model["mask_branch"]["stem_channels"] == model["backbone"]["stem_channels"] == 0
@@ -111,7 +112,7 @@ def test_r50_keeps_the_paper_setup() -> None:
     assert cfg["tracker"]["match_threshold"] == 0.5
     assert cfg["tracker"]["new_track_threshold"] == 0.2
     assert cfg["tracker"]["mask_threshold"] == 0.5 and cfg["tracker"]["coverage_power"] == 0.0
-    assert cfg["tracker"]["maskness_power"] == 0.0
+    assert cfg["tracker"]["maskness_power"] == 0.0 and cfg["tracker"]["backfill_frames"] == 0
     assert cfg["tracker"]["class_votes"] == "hard"
     assert cfg["model"]["test_flip_masks"] is False
     assert cfg["data"]["epoch_pairs"] is None

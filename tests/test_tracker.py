@@ -301,3 +301,57 @@ def test_encoded_masks_threshold_the_mask_probability(threshold):
     want = (up.sigmoid() > threshold).numpy().astype(np.uint8)
     got = np.stack([mask_utils.decode(r) for r in rles])
     assert np.array_equal(got, want)
+
+
+def _weak_then_confident():
+    """Object 0 detected at 0.3 (under new_track_threshold) in frames 0-2, moving 4 px a frame,
+    then at 0.9; a weak detection of object 1 elsewhere in frames 0-2 that never gets confident."""
+    boxes = [(4 + 4 * t, 4, 16 + 4 * t, 16) for t in range(5)]
+    script = [[(0, 1, 0.3, boxes[t]), (1, 1, 0.3, (32, 16, 44, 28))] for t in range(3)]
+    script += [[(0, 1, 0.9, boxes[t])] for t in range(3, 5)]
+    return script
+
+
+def test_backfill_takes_back_the_weak_frames_before_a_track_starts() -> None:
+    script = _weak_then_confident()
+    cfg = dict(score_threshold=0.2, new_track_threshold=0.4)
+    tracker, frames = run(script, **cfg)
+    (only,) = tracker.video_results(len(script))
+    assert [s is not None for s in only["segmentations"]] == [False] * 3 + [True] * 2
+    assert only["score"] == pytest.approx(0.9)
+    tracker, frames_bf = run(script, backfill_frames=5, **cfg)
+    (only,) = tracker.video_results(len(script))
+    # The object's weak frames join its track (not object 1's, whose mask is elsewhere).
+    assert all(s is not None for s in only["segmentations"])
+    assert only["score"] == pytest.approx((3 * 0.3 + 2 * 0.9) / 5)
+    for t in range(3):
+        m = mask_utils.decode(only["segmentations"][t]).astype(bool)
+        assert m[6:14, 6 + 4 * t : 14 + 4 * t].all() and not m[:, 32:].any()
+    # What step() returned frame by frame is the same online output.
+    assert frames_bf == frames
+
+
+def test_backfill_stops_at_its_frame_count_and_at_the_first_frame_without_overlap() -> None:
+    script = _weak_then_confident()
+    cfg = dict(score_threshold=0.2, new_track_threshold=0.4)
+    tracker, _ = run(script, backfill_frames=2, **cfg)
+    (only,) = tracker.video_results(len(script))
+    assert [s is not None for s in only["segmentations"]] == [False] + [True] * 4
+    # Frame 1's detection jumps away: the chain ends there, frame 0 is not reached either.
+    script[1][0] = (0, 1, 0.3, (32, 0, 44, 12))
+    tracker, _ = run(script, backfill_frames=5, **cfg)
+    (only,) = tracker.video_results(len(script))
+    assert [s is not None for s in only["segmentations"]] == [False] * 2 + [True] * 3
+    # A detection a track took is not taken back: object 1 confident from frame 0 on.
+    script = _weak_then_confident()
+    for t in range(3):
+        script[t][0] = (0, 1, 0.9, script[t][0][3])
+    tracker, _ = run(script, backfill_frames=5, **cfg)
+    assert len(tracker.video_results(len(script))) == 1
+
+
+def test_backfill_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="backfill_frames"):
+        TrackerConfig(backfill_frames=-1)
+    with pytest.raises(ValueError, match="backfill_iou"):
+        TrackerConfig(backfill_iou=0.0)

@@ -10,6 +10,13 @@ yet taken (one detection per track); unmatched detections above ``new_track_thre
 tracks; unmatched tracks wait in memory and can be re-identified until they are ``max_age``
 frames old, then end.
 
+With ``backfill_frames`` > 0 a track that starts also takes back, frame by frame, the
+detections of the frames just before that no track took (scored between ``score_threshold`` and
+``new_track_threshold``) whose mask overlaps its mask of the next frame: an object that was
+detected weakly for a few frames before its first confident detection is not counted missed there.
+Those frames appear in the video-level results (:meth:`OnlineTracker.video_results`), not in what
+:meth:`OnlineTracker.step` returned for them at the time.
+
 Masks are mapped back to the original resolution and RLE-encoded as they are produced, and the
 state carried between frames (the model's own state plus one node-feature block per live track)
 does not grow with the video's length.
@@ -88,6 +95,12 @@ class TrackerConfig:
         maskness_power, the maskness being the mean probability of the pixels above
         ``mask_threshold`` (SOLOv2's): a track whose masks the model is unsure of ranks lower.
         0 (the default) leaves the detection scores alone; only the video-level score changes.
+    backfill_frames: when a track starts, it takes back up to this many earlier frames, one at
+        a time from the latest: in each, the detection no track took (score >= score_threshold)
+        whose binary mask has the highest IoU with the track's mask of the frame after, if that
+        IoU is at least ``backfill_iou``; the first frame without one ends it. 0 (the default)
+        takes none: purely online results.
+    backfill_iou: the mask IoU (at the mask logits' stride) that backfilling asks for.
     """
 
     score_threshold: float = 0.1
@@ -98,8 +111,14 @@ class TrackerConfig:
     coverage_power: float = 0.0
     class_votes: str = "hard"
     maskness_power: float = 0.0
+    backfill_frames: int = 0
+    backfill_iou: float = 0.5
 
     def __post_init__(self) -> None:
+        if self.backfill_frames < 0:
+            raise ValueError(f"tracker.backfill_frames must be >= 0, got {self.backfill_frames}")
+        if not 0.0 < self.backfill_iou <= 1.0:
+            raise ValueError(f"tracker.backfill_iou must be in (0, 1], got {self.backfill_iou}")
         if self.maskness_power < 0:
             raise ValueError(f"tracker.maskness_power must be >= 0, got {self.maskness_power}")
         if self.class_votes not in CLASS_VOTES:
@@ -239,6 +258,8 @@ class OnlineTracker:
         self.state: Any = None
         self.next_id = 1
         self.frame_index = 0
+        # backfill_frames > 0: the detections no track took in each of the last frames.
+        self.untaken: list[dict[str, Any]] = []
 
     def references(self) -> dict[str, torch.Tensor] | None:
         """Every live track as a reference node (stored node features at its last centre).
@@ -319,6 +340,7 @@ class OnlineTracker:
         t = self.frame_index
         matched: set[int] = set()
         used: list[tuple[int, Track, float, int]] = []  # (kept position, track, score, label)
+        born: list[tuple[int, Track]] = []  # (kept position, track) of the tracks started here
         for j in range(k):
             score, label = float(host_scores[j]), int(host_labels[j])
             box = boxes[j]
@@ -331,6 +353,7 @@ class OnlineTracker:
                 self.next_id += 1
                 self.live.append(track)
                 matched.add(len(self.live) - 1)
+                born.append((j, track))
             else:
                 continue
             # The track's summary becomes this detection's (its reference node next frame).
@@ -358,6 +381,13 @@ class OnlineTracker:
             track.frames[t] = (rle, score, label)
             track.maskness[t] = q
             results.append((track.id, label, score, rle))
+        if self.cfg.backfill_frames:
+            untaken = sorted(set(range(k)) - {j for j, *_ in used})
+            self._backfill(out["masks"], idx, born, valid_size, orig_size, stride)
+            self._keep_untaken(
+                out["masks"], idx, untaken, host_scores, host_labels,
+                votes if soft else None, valid_size, stride,
+            )  # fmt: skip
 
         still_live = []
         for i, track in enumerate(self.live):
@@ -367,6 +397,73 @@ class OnlineTracker:
         self.live = still_live
         self.frame_index += 1
         return results
+
+    def _keep_untaken(
+        self,
+        masks: torch.Tensor,
+        idx: torch.Tensor,
+        untaken: list[int],
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        votes: torch.Tensor | None,
+        valid_size: tuple[int, int],
+        stride: int,
+    ) -> None:
+        """Remember this frame's kept detections that no track took (``backfill_frames``)."""
+        sel = idx[torch.tensor(untaken, dtype=torch.long, device=idx.device)]
+        logits = masks[sel]
+        self.untaken.append(
+            {
+                "frame": self.frame_index,
+                "logits": logits,
+                "fg": _above(_valid_cells(logits, valid_size, stride), self.cfg.mask_threshold),
+                "scores": [float(scores[j]) for j in untaken],
+                "labels": [int(labels[j]) for j in untaken],
+                "votes": votes[untaken] if votes is not None else None,
+                "free": [True] * len(untaken),
+            }
+        )
+        del self.untaken[: -self.cfg.backfill_frames]
+
+    def _backfill(
+        self,
+        masks: torch.Tensor,
+        idx: torch.Tensor,
+        born: list[tuple[int, Track]],
+        valid_size: tuple[int, int],
+        orig_size: tuple[int, int],
+        stride: int,
+    ) -> None:
+        """Extend the tracks started this frame back through the remembered untaken
+        detections (:class:`TrackerConfig` ``backfill_frames``, ``backfill_iou``)."""
+        for j, track in born:
+            fg = _above(
+                _valid_cells(masks[idx[j]][None], valid_size, stride), self.cfg.mask_threshold
+            )[0]
+            expected = self.frame_index - 1  # the frame before this one
+            for frame in reversed(self.untaken):
+                if frame["frame"] != expected or not any(frame["free"]):
+                    break
+                inter = (frame["fg"] & fg).sum((1, 2)).float()
+                union = (frame["fg"] | fg).sum((1, 2)).float().clamp(min=1)
+                iou = torch.where(
+                    torch.tensor(frame["free"], device=inter.device), inter / union, -1.0
+                )
+                best = int(torch.argmax(iou))
+                if float(iou[best]) < self.cfg.backfill_iou:
+                    break
+                frame["free"][best] = False
+                logits = frame["logits"][best][None]
+                rle = encode_masks(logits, valid_size, orig_size, stride, self.cfg.mask_threshold)
+                score, label = frame["scores"][best], frame["labels"][best]
+                track.frames[expected] = (rle[0], score, label)
+                if self.cfg.maskness_power > 0:
+                    q = maskness(logits, valid_size, stride, self.cfg.mask_threshold)
+                    track.maskness[expected] = float(q[0])
+                if frame["votes"] is not None:
+                    track.soft_votes = track.soft_votes + frame["votes"][best] * score
+                fg = frame["fg"][best]
+                expected -= 1
 
     def _associate(self, edge_scores: torch.Tensor) -> list[int | None]:
         """Greedy: detections (already in descending score order) take their best free edge.
