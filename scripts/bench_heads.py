@@ -33,6 +33,9 @@ def main() -> None:
     from omegaconf import OmegaConf
     from torch.utils.flop_counter import FlopCounterMode
 
+    from visstg.config import register_resolvers
+
+    register_resolvers()  # the configs' ${eval:...}
     conf = Path(__file__).resolve().parents[1] / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base=None):
         cfg = compose("train", overrides=overrides)
