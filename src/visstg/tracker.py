@@ -382,12 +382,22 @@ class OnlineTracker:
             track.maskness[t] = q
             results.append((track.id, label, score, rle))
         if self.cfg.backfill_frames:
+            # Binary masks of the kept detections (on the logits' grid), for the overlaps.
+            kept_logits = out["masks"][idx]
+            kept_fg = _above(_valid_cells(kept_logits, valid_size, stride), self.cfg.mask_threshold)
+            self._backfill(kept_fg, born, valid_size, orig_size, stride)
             untaken = sorted(set(range(k)) - {j for j, *_ in used})
-            self._backfill(out["masks"], idx, born, valid_size, orig_size, stride)
-            self._keep_untaken(
-                out["masks"], idx, untaken, host_scores, host_labels,
-                votes if soft else None, valid_size, stride,
-            )  # fmt: skip
+            self.untaken.append(
+                {
+                    "logits": kept_logits[untaken],
+                    "fg": kept_fg[untaken],
+                    "scores": [float(host_scores[j]) for j in untaken],
+                    "labels": [int(host_labels[j]) for j in untaken],
+                    "votes": votes[untaken] if soft else None,
+                    "free": [True] * len(untaken),
+                }
+            )
+            del self.untaken[: -self.cfg.backfill_frames]
 
         still_live = []
         for i, track in enumerate(self.live):
@@ -398,51 +408,23 @@ class OnlineTracker:
         self.frame_index += 1
         return results
 
-    def _keep_untaken(
-        self,
-        masks: torch.Tensor,
-        idx: torch.Tensor,
-        untaken: list[int],
-        scores: torch.Tensor,
-        labels: torch.Tensor,
-        votes: torch.Tensor | None,
-        valid_size: tuple[int, int],
-        stride: int,
-    ) -> None:
-        """Remember this frame's kept detections that no track took (``backfill_frames``)."""
-        sel = idx[torch.tensor(untaken, dtype=torch.long, device=idx.device)]
-        logits = masks[sel]
-        self.untaken.append(
-            {
-                "frame": self.frame_index,
-                "logits": logits,
-                "fg": _above(_valid_cells(logits, valid_size, stride), self.cfg.mask_threshold),
-                "scores": [float(scores[j]) for j in untaken],
-                "labels": [int(labels[j]) for j in untaken],
-                "votes": votes[untaken] if votes is not None else None,
-                "free": [True] * len(untaken),
-            }
-        )
-        del self.untaken[: -self.cfg.backfill_frames]
-
     def _backfill(
         self,
-        masks: torch.Tensor,
-        idx: torch.Tensor,
+        kept_fg: torch.Tensor,
         born: list[tuple[int, Track]],
         valid_size: tuple[int, int],
         orig_size: tuple[int, int],
         stride: int,
     ) -> None:
-        """Extend the tracks started this frame back through the remembered untaken
-        detections (:class:`TrackerConfig` ``backfill_frames``, ``backfill_iou``)."""
+        """Extend the tracks started this frame (``born``: kept position, track) back through
+        the remembered untaken detections of the frames before, the latest first
+        (:class:`TrackerConfig` ``backfill_frames``, ``backfill_iou``); ``kept_fg`` holds the
+        binary masks of this frame's kept detections."""
         for j, track in born:
-            fg = _above(
-                _valid_cells(masks[idx[j]][None], valid_size, stride), self.cfg.mask_threshold
-            )[0]
-            expected = self.frame_index - 1  # the frame before this one
-            for frame in reversed(self.untaken):
-                if frame["frame"] != expected or not any(frame["free"]):
+            fg = kept_fg[j]
+            # self.untaken holds one entry per frame, the last for the frame before this one.
+            for back, frame in enumerate(reversed(self.untaken), start=1):
+                if not any(frame["free"]):
                     break
                 inter = (frame["fg"] & fg).sum((1, 2)).float()
                 union = (frame["fg"] | fg).sum((1, 2)).float().clamp(min=1)
@@ -453,17 +435,17 @@ class OnlineTracker:
                 if float(iou[best]) < self.cfg.backfill_iou:
                     break
                 frame["free"][best] = False
+                t = self.frame_index - back
                 logits = frame["logits"][best][None]
                 rle = encode_masks(logits, valid_size, orig_size, stride, self.cfg.mask_threshold)
                 score, label = frame["scores"][best], frame["labels"][best]
-                track.frames[expected] = (rle[0], score, label)
+                track.frames[t] = (rle[0], score, label)
                 if self.cfg.maskness_power > 0:
                     q = maskness(logits, valid_size, stride, self.cfg.mask_threshold)
-                    track.maskness[expected] = float(q[0])
+                    track.maskness[t] = float(q[0])
                 if frame["votes"] is not None:
                     track.soft_votes = track.soft_votes + frame["votes"][best] * score
                 fg = frame["fg"][best]
-                expected -= 1
 
     def _associate(self, edge_scores: torch.Tensor) -> list[int | None]:
         """Greedy: detections (already in descending score order) take their best free edge.
