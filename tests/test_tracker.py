@@ -355,3 +355,47 @@ def test_backfill_options_are_checked() -> None:
         TrackerConfig(backfill_frames=-1)
     with pytest.raises(ValueError, match="backfill_iou"):
         TrackerConfig(backfill_iou=0.0)
+
+
+def _frames_with_squares(script) -> list[torch.Tensor]:
+    """Normalised frames showing each scripted detection's object as a white square one pixel
+    inside its box on black: the model's stride-4 masks (whole cells) overshoot it."""
+    from visstg.data.transforms import normalize
+
+    frames = []
+    for dets in script:
+        image = torch.zeros(3, H, W)
+        for *_, (x0, y0, x1, y1) in dets:
+            image[:, y0 + 1 : y1 - 1, x0 + 1 : x1 - 1] = 1.0
+        frames.append(normalize(image))
+    return frames
+
+
+def test_refined_masks_follow_the_frame_edges_also_in_backfilled_frames() -> None:
+    script = _weak_then_confident()
+    cfg = dict(score_threshold=0.2, new_track_threshold=0.4, backfill_frames=5)
+    frames = _frames_with_squares(script)
+
+    def track(**extra) -> dict:
+        tracker = OnlineTracker(ScriptedModel(script), TrackerConfig(**cfg, **extra))
+        for image in frames:
+            tracker.step(image, (H, W), (H, W))
+        return tracker.video_results(len(script))[0]
+
+    plain, refined = track(), track(refine_radius=2, refine_eps=1e-3)
+    for t in range(len(script)):
+        x0, y0, x1, y1 = script[t][0][3]
+        square = np.zeros((H, W), dtype=bool)
+        square[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1] = True
+        # Frames 0-2 are backfilled: refined with their own frame, not the one that started it.
+        assert np.array_equal(mask_utils.decode(refined["segmentations"][t]).astype(bool), square)
+        assert not np.array_equal(mask_utils.decode(plain["segmentations"][t]).astype(bool), square)
+
+
+def test_refine_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="refine_radius"):
+        TrackerConfig(refine_radius=-1)
+    with pytest.raises(ValueError, match="refine_radius"):
+        TrackerConfig(refine_radius=2.5)
+    with pytest.raises(ValueError, match="refine_eps"):
+        TrackerConfig(refine_eps=0.0)

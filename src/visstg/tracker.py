@@ -17,6 +17,9 @@ detected weakly for a few frames before its first confident detection is not cou
 Those frames appear in the video-level results (:meth:`OnlineTracker.video_results`), not in what
 :meth:`OnlineTracker.step` returned for them at the time.
 
+With ``refine_radius`` > 0 each mask's probabilities are first refined by a guided filter with
+the frame as the guide (:mod:`visstg.refine`), so that mask boundaries follow the frame's edges.
+
 Masks are mapped back to the original resolution and RLE-encoded as they are produced, and the
 state carried between frames (the model's own state plus one node-feature block per live track)
 does not grow with the video's length.
@@ -34,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from visstg.data.transforms import denormalize
+from visstg.refine import guided_filter
 from visstg.timing import NULL_TIMER
 
 __all__ = [
@@ -101,6 +106,13 @@ class TrackerConfig:
         IoU is at least ``backfill_iou``; the first frame without one ends it. 0 (the default)
         takes none: purely online results.
     backfill_iou: the mask IoU (at the mask logits' stride) that backfilling asks for.
+    refine_radius: > 0 refines each mask's probabilities at the input resolution with a guided
+        filter of this radius (pixels), the frame as the guide (:mod:`visstg.refine`), before
+        thresholding: the boundary moves onto the frame's colour edges instead of following the
+        bilinear upsampling of the stride-4 logits. 0 (the default) thresholds the upsampled
+        logits themselves. The maskness (``maskness_power``) still reads the model's logits.
+    refine_eps: the guided filter's regulariser, in squared [0, 1] colour units: edges of
+        contrast well above sqrt(refine_eps) are followed.
     """
 
     score_threshold: float = 0.1
@@ -113,8 +125,16 @@ class TrackerConfig:
     maskness_power: float = 0.0
     backfill_frames: int = 0
     backfill_iou: float = 0.5
+    refine_radius: int = 0
+    refine_eps: float = 1e-3
 
     def __post_init__(self) -> None:
+        if self.refine_radius < 0 or self.refine_radius != int(self.refine_radius):
+            raise ValueError(
+                f"tracker.refine_radius must be an integer >= 0, got {self.refine_radius}"
+            )
+        if self.refine_eps <= 0:
+            raise ValueError(f"tracker.refine_eps must be > 0, got {self.refine_eps}")
         if self.backfill_frames < 0:
             raise ValueError(f"tracker.backfill_frames must be >= 0, got {self.backfill_frames}")
         if not 0.0 < self.backfill_iou <= 1.0:
@@ -201,6 +221,9 @@ def encode_masks(
     orig_size: tuple[int, int],
     mask_stride: int = 4,
     threshold: float = 0.5,
+    guide: torch.Tensor | None = None,
+    refine_radius: int = 0,
+    refine_eps: float = 1e-3,
 ) -> list[dict]:
     """Binary masks at the original resolution, RLE-encoded (str counts).
 
@@ -208,6 +231,9 @@ def encode_masks(
         mask_logits: [D, h, w] at ``mask_stride`` of the padded input.
         valid_size: (h, w) of the resized, unpadded input.
         orig_size: (H, W) of the original frame.
+        guide: [3, >= h, >= w] the input frame in [0, 1] (padded or not); with
+            ``refine_radius`` > 0 the probabilities are refined by a guided filter of it at
+            the input resolution (:class:`TrackerConfig` ``refine_radius``, ``refine_eps``).
     """
     if mask_logits.shape[0] == 0:
         return []
@@ -216,6 +242,10 @@ def encode_masks(
     hs, ws = logits.shape[-2:]
     logits = F.interpolate(logits[None], size=(hs * mask_stride, ws * mask_stride), mode="bilinear")
     logits = logits[0, :, :h, :w]  # [D, h, w]
+    if guide is not None and refine_radius > 0:
+        probs = guided_filter(guide[:, :h, :w], logits.sigmoid(), refine_radius, refine_eps)
+        # Back to logits (clamped: the filter can leave [0, 1]) for the resize and threshold.
+        logits = torch.logit(probs.clamp(_PROB_CLAMP, 1.0 - _PROB_CLAMP))
     if tuple(orig_size) != (h, w):  # a same-size bilinear resize is the identity: skip it
         logits = F.interpolate(logits[None], size=orig_size, mode="bilinear")[0]  # [D, H, W]
     # [D, W, H] C-contiguous is [H, W, D] Fortran-contiguous, the layout pycocotools wants, so
@@ -223,6 +253,9 @@ def encode_masks(
     masks = _above(logits, threshold).to(torch.uint8).transpose(1, 2).contiguous()
     rles = mask_utils.encode(masks.cpu().numpy().transpose(2, 1, 0))
     return [{"size": r["size"], "counts": r["counts"].decode()} for r in rles]
+
+
+_PROB_CLAMP = 1e-4  # refined probabilities -> logits: at most |logit(1e-4)| = 9.2
 
 
 def _valid_cells(
@@ -303,6 +336,8 @@ class OnlineTracker:
         """
         if image.dim() == 3:
             image = image[None]
+        # The frame in [0, 1], the guide of the masks' refinement (refine_radius > 0).
+        guide = denormalize(image[0].float()) if self.cfg.refine_radius > 0 else None
         refs = self.references()
         if refs is not None:
             refs = {k: v.to(image.device) for k, v in refs.items()}
@@ -371,7 +406,7 @@ class OnlineTracker:
             # Only the masks that end up in a track are upsampled and encoded.
             sel = idx[torch.tensor([j for j, *_ in used], dtype=torch.long, device=idx.device)]
             masks = out["masks"][sel]
-            rles = encode_masks(masks, valid_size, orig_size, stride, self.cfg.mask_threshold)
+            rles = self._encode(masks, valid_size, orig_size, stride, guide)
             if self.cfg.maskness_power > 0:
                 quality = maskness(masks, valid_size, stride, self.cfg.mask_threshold).tolist()
             else:
@@ -394,6 +429,7 @@ class OnlineTracker:
                     "scores": [float(host_scores[j]) for j in untaken],
                     "labels": [int(host_labels[j]) for j in untaken],
                     "votes": votes[untaken] if soft else None,
+                    "guide": guide,
                     "free": [True] * len(untaken),
                 }
             )
@@ -437,7 +473,7 @@ class OnlineTracker:
                 frame["free"][best] = False
                 t = self.frame_index - back
                 logits = frame["logits"][best][None]
-                rle = encode_masks(logits, valid_size, orig_size, stride, self.cfg.mask_threshold)
+                rle = self._encode(logits, valid_size, orig_size, stride, frame["guide"])
                 score, label = frame["scores"][best], frame["labels"][best]
                 track.frames[t] = (rle[0], score, label)
                 if self.cfg.maskness_power > 0:
@@ -446,6 +482,21 @@ class OnlineTracker:
                 if frame["votes"] is not None:
                     track.soft_votes = track.soft_votes + frame["votes"][best] * score
                 fg = frame["fg"][best]
+
+    def _encode(
+        self,
+        mask_logits: torch.Tensor,
+        valid_size: tuple[int, int],
+        orig_size: tuple[int, int],
+        stride: int,
+        guide: torch.Tensor | None,
+    ) -> list[dict]:
+        """:func:`encode_masks` with this tracker's threshold and refinement."""
+        cfg = self.cfg
+        return encode_masks(
+            mask_logits, valid_size, orig_size, stride, cfg.mask_threshold,
+            guide, cfg.refine_radius, cfg.refine_eps,
+        )  # fmt: skip
 
     def _associate(self, edge_scores: torch.Tensor) -> list[int | None]:
         """Greedy: detections (already in descending score order) take their best free edge.

@@ -26,6 +26,7 @@ __all__ = [
     "PairAugmentation",
     "resized_shape",
     "to_tensor",
+    "denormalize",
     "normalize",
     "resize_image",
     "resize_masks",
@@ -53,6 +54,13 @@ def normalize(image: torch.Tensor) -> torch.Tensor:
     mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
     return (image - mean) / std
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`normalize`: back to [0, 1] (clamped)."""
+    mean = image.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = image.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (image * std + mean).clamp_(0.0, 1.0)
 
 
 def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
