@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from visstg.refine import box_mean, guided_filter
+from visstg.refine import box_mean, guided_filter, refine_masks
 
 
 @pytest.mark.parametrize("radius", [1, 3, 7])
@@ -64,3 +64,17 @@ def test_guided_filter_checks_its_arguments() -> None:
         guided_filter(guide, prob, 0, 1e-3)
     with pytest.raises(ValueError, match="eps > 0"):
         guided_filter(guide, prob, 2, 0.0)
+
+
+def test_refine_masks_on_crops_equals_the_whole_frame_filter() -> None:
+    torch.manual_seed(0)
+    guide = torch.rand(3, 64, 96)
+    boxes = torch.zeros(3, 64, 96)
+    boxes[0, 5:20, 10:30] = 1.0  # near the top-left corner: its crop is clipped there
+    boxes[1, 30:50, 50:70] = 1.0
+    probs = F.avg_pool2d(boxes[None], 5, 1, 2)[0].clamp(1e-6, 1 - 1e-6)  # soft edges
+    probs[2] = 1e-4  # nothing above the floor: kept as it is
+    whole = guided_filter(guide.double(), probs.double(), 4, 1e-3)
+    refined = refine_masks(guide, probs, 4, 1e-3)
+    assert torch.allclose(refined[:2].double(), whole[:2], atol=1e-5)
+    assert torch.equal(refined[2], probs[2])

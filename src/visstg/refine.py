@@ -11,7 +11,9 @@ mask boundary on the frame's edges (:class:`visstg.tracker.TrackerConfig` ``refi
 
 None of the project's libraries provides the filter (torchvision has no edge-aware filters), so it
 is written here: box means by integral images (one cumulative sum per axis, so the cost does not
-grow with the radius) and a per-pixel C x C solve for the colour guide.
+grow with the radius) and a per-pixel C x C solve for the colour guide. :func:`refine_masks`
+filters each mask on a crop around it only, since the filter leaves a mask unchanged (zero)
+farther than two radii from its support.
 """
 
 from __future__ import annotations
@@ -19,29 +21,35 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["box_mean", "guided_filter"]
+__all__ = ["box_mean", "guided_filter", "refine_masks"]
 
 
-def _window(n: int, radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """End (exclusive) and start of each position's window along an axis of length ``n``."""
+def _window_sums(cums: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Window sums along ``dim`` from its cumulative sums ``cums`` (length n + 1, a leading
+    zero): position i sums [max(0, i - r), min(n, i + r + 1))."""
+    n = cums.shape[dim] - 1
+    r = min(radius, n - 1)
+    last = cums.narrow(dim, n, 1)
+    upper = torch.cat([cums.narrow(dim, r + 1, n - r)] + [last] * r, dim)
+    lower = torch.cat([torch.zeros_like(last)] * r + [cums.narrow(dim, 0, n - r)], dim)
+    return upper - lower
+
+
+def _window_sizes(n: int, radius: int, device: torch.device) -> torch.Tensor:
     i = torch.arange(n, device=device)
-    return (i + radius + 1).clamp(max=n), (i - radius).clamp(min=0)
+    return (i + radius + 1).clamp(max=n) - (i - radius).clamp(min=0)
 
 
 def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
     """Mean of ``x`` ([..., H, W]) over each pixel's (2r+1) x (2r+1) window, clipped at the
     borders (the mean of the pixels inside the image, as ``avg_pool2d`` with
-    ``count_include_pad=False``). Sums are accumulated in float64; the result has ``x``'s dtype.
+    ``count_include_pad=False``), in ``x``'s dtype.
     """
     h, w = x.shape[-2:]
-    end_y, start_y = _window(h, radius, x.device)
-    end_x, start_x = _window(w, radius, x.device)
-    rows = F.pad(x.double().cumsum(-2), (0, 0, 1, 0))  # [..., H + 1, W]
-    sums = rows[..., end_y, :] - rows[..., start_y, :]
-    cols = F.pad(sums.cumsum(-1), (1, 0))  # [..., H, W + 1]
-    sums = cols[..., end_x] - cols[..., start_x]
-    count = (end_y - start_y).double()[:, None] * (end_x - start_x).double()[None, :]
-    return (sums / count).to(x.dtype)
+    sums = _window_sums(F.pad(x.cumsum(-2), (0, 0, 1, 0)), radius, x.dim() - 2)
+    sums = _window_sums(F.pad(sums.cumsum(-1), (1, 0)), radius, x.dim() - 1)
+    count = _window_sizes(h, radius, x.device)[:, None] * _window_sizes(w, radius, x.device)
+    return sums / count.to(x.dtype)
 
 
 def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
@@ -60,11 +68,12 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: floa
     if radius < 1 or eps <= 0:
         raise ValueError(f"guided_filter: radius >= 1 and eps > 0, got {radius} and {eps}")
     c = guide.shape[0]
-    guide, src = guide.float(), src.float()
+    dtype = torch.promote_types(torch.promote_types(guide.dtype, src.dtype), torch.float32)
+    guide, src = guide.to(dtype), src.to(dtype)
     mean_i = box_mean(guide, radius)  # [C, H, W]
     mean_ii = box_mean(guide[:, None] * guide[None], radius)  # [C, C, H, W]
     cov_ii = mean_ii - mean_i[:, None] * mean_i[None]
-    cov_ii = cov_ii + eps * torch.eye(c, device=guide.device)[:, :, None, None]
+    cov_ii = cov_ii + eps * torch.eye(c, dtype=dtype, device=guide.device)[:, :, None, None]
     mean_p = box_mean(src, radius)  # [N, H, W]
     mean_ip = box_mean(guide[None] * src[:, None], radius)  # [N, C, H, W]
     cov_ip = mean_ip - mean_i[None] * mean_p[:, None]
@@ -73,3 +82,26 @@ def guided_filter(guide: torch.Tensor, src: torch.Tensor, radius: int, eps: floa
     a = a.permute(3, 2, 0, 1)  # [N, C, H, W]
     b = mean_p - (a * mean_i[None]).sum(1)
     return (box_mean(a, radius) * guide[None]).sum(1) + box_mean(b, radius)
+
+
+def refine_masks(
+    guide: torch.Tensor, probs: torch.Tensor, radius: int, eps: float, floor: float = 1e-3
+) -> torch.Tensor:
+    """:func:`guided_filter` of each mask probability map ([D, H, W]) with ``guide`` ([C, H,
+    W]), computed on a crop around the mask: its pixels above ``floor`` and three radii around
+    them. The filter changes pixels within two radii of those (the ones some window reaching the
+    mask covers); the third radius keeps their averages over windows whole, so the crop gives
+    the whole frame's result. Elsewhere the probabilities, all under ``floor``, are kept.
+    Returns [D, H, W]."""
+    out = probs.clone()
+    h, w = probs.shape[-2:]
+    margin = 3 * radius
+    for d, support in enumerate(probs > floor):
+        rows, cols = support.any(1).nonzero(), support.any(0).nonzero()
+        if len(rows) == 0:
+            continue
+        y0, y1 = max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, h)
+        x0, x1 = max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, w)
+        crop = probs[d : d + 1, y0:y1, x0:x1]
+        out[d, y0:y1, x0:x1] = guided_filter(guide[:, y0:y1, x0:x1], crop, radius, eps)[0]
+    return out

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from visstg.data.transforms import denormalize
-from visstg.refine import guided_filter
+from visstg.refine import refine_masks
 from visstg.timing import NULL_TIMER
 
 __all__ = [
@@ -243,7 +243,7 @@ def encode_masks(
     logits = F.interpolate(logits[None], size=(hs * mask_stride, ws * mask_stride), mode="bilinear")
     logits = logits[0, :, :h, :w]  # [D, h, w]
     if guide is not None and refine_radius > 0:
-        probs = guided_filter(guide[:, :h, :w], logits.sigmoid(), refine_radius, refine_eps)
+        probs = refine_masks(guide[:, :h, :w], logits.sigmoid(), refine_radius, refine_eps)
         # Back to logits (clamped: the filter can leave [0, 1]) for the resize and threshold.
         logits = torch.logit(probs.clamp(_PROB_CLAMP, 1.0 - _PROB_CLAMP))
     if tuple(orig_size) != (h, w):  # a same-size bilinear resize is the identity: skip it
