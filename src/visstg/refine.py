@@ -12,8 +12,8 @@ mask boundary on the frame's edges (:class:`visstg.tracker.TrackerConfig` ``refi
 None of the project's libraries provides the filter (torchvision has no edge-aware filters), so it
 is written here: box means by integral images (one cumulative sum per axis, so the cost does not
 grow with the radius) and a per-pixel C x C solve for the colour guide. :func:`refine_masks`
-filters each mask on a crop around it only, since the filter leaves a mask unchanged (zero)
-farther than two radii from its support.
+filters each mask on a crop around it only (three radii beyond its support), since the filter
+leaves a mask unchanged farther than two radii from its support.
 """
 
 from __future__ import annotations
