@@ -406,11 +406,7 @@ class OnlineTracker:
             # Only the masks that end up in a track are upsampled and encoded.
             sel = idx[torch.tensor([j for j, *_ in used], dtype=torch.long, device=idx.device)]
             masks = out["masks"][sel]
-            rles = self._encode(masks, valid_size, orig_size, stride, guide)
-            if self.cfg.maskness_power > 0:
-                quality = maskness(masks, valid_size, stride, self.cfg.mask_threshold).tolist()
-            else:
-                quality = [1.0] * len(used)
+            rles, quality = self._encode(masks, valid_size, orig_size, stride, guide)
         results = []
         for (_, track, score, label), rle, q in zip(used, rles, quality):
             track.frames[t] = (rle, score, label)
@@ -473,12 +469,10 @@ class OnlineTracker:
                 frame["free"][best] = False
                 t = self.frame_index - back
                 logits = frame["logits"][best][None]
-                rle = self._encode(logits, valid_size, orig_size, stride, frame["guide"])
+                (rle,), (q,) = self._encode(logits, valid_size, orig_size, stride, frame["guide"])
                 score, label = frame["scores"][best], frame["labels"][best]
-                track.frames[t] = (rle[0], score, label)
-                if self.cfg.maskness_power > 0:
-                    q = maskness(logits, valid_size, stride, self.cfg.mask_threshold)
-                    track.maskness[t] = float(q[0])
+                track.frames[t] = (rle, score, label)
+                track.maskness[t] = q
                 if frame["votes"] is not None:
                     track.soft_votes = track.soft_votes + frame["votes"][best] * score
                 fg = frame["fg"][best]
@@ -490,13 +484,19 @@ class OnlineTracker:
         orig_size: tuple[int, int],
         stride: int,
         guide: torch.Tensor | None,
-    ) -> list[dict]:
-        """:func:`encode_masks` with this tracker's threshold and refinement."""
+    ) -> tuple[list[dict], list[float]]:
+        """The masks' RLEs (:func:`encode_masks` with this tracker's threshold and refinement)
+        and their maskness (1.0 each with ``maskness_power`` 0, which does not read it)."""
         cfg = self.cfg
-        return encode_masks(
+        rles = encode_masks(
             mask_logits, valid_size, orig_size, stride, cfg.mask_threshold,
             guide, cfg.refine_radius, cfg.refine_eps,
         )  # fmt: skip
+        if cfg.maskness_power > 0:
+            quality = maskness(mask_logits, valid_size, stride, cfg.mask_threshold).tolist()
+        else:
+            quality = [1.0] * len(rles)
+        return rles, quality
 
     def _associate(self, edge_scores: torch.Tensor) -> list[int | None]:
         """Greedy: detections (already in descending score order) take their best free edge.
